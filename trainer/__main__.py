@@ -1,0 +1,43 @@
+"""`python -m trainer <command> ...`: a thin dispatcher over importable modules.
+
+Each command lives in its own module with a `main(argv) -> int` function, so tests
+call the same entry points as users. Imports are lazy: `--help` must not pay for
+importing DeepSpeed.
+"""
+import importlib
+import sys
+
+COMMANDS = {
+    "train": ("trainer.train", "train an extended model (DeepSpeed, any number of ranks)"),
+    "eval": ("trainer.evaluate", "per-domain bits per byte and multiple-choice tasks"),
+    "export": ("trainer.export", "adapters-only files and a full Hugging Face model directory"),
+    "report": ("trainer.report", "learn/forget table and trade-off plot over runs"),
+    "diagnose": ("trainer.diagnose", "gate statistics and W_g singular values"),
+    "demo": ("trainer.demo", "the CPU quickstart, end to end"),
+    "bench": ("trainer.bench", "throughput, memory and checkpoint cost vs finetune"),
+    "readapt": ("trainer.readapt", "RE-Adapt / LoRE-Adapt: instruction deltas and recombination"),
+    "submit": ("trainer.submit", "render and submit the SLURM templates"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: python -m trainer <command> [args...]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return module.main(rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,360 @@
+"""Typed run configuration: YAML file + dotted overrides -> dataclasses.
+
+Every section is a dataclass with defaults, so the YAML only states what differs.
+Unknown keys and wrong types are rejected with the dotted key and, when the key
+came from a file, its file and line: a typo must never silently train the wrong
+experiment for three days.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+METHODS = ("neutral_residues", "sigmoid_gate", "adapters", "lora", "finetune")
+ADAPTER_METHODS = ("neutral_residues", "sigmoid_gate", "adapters")
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake; the message is meant to be printed as is."""
+
+
+@dataclass
+class ModelConfig:
+    path: Optional[str] = None
+    """Local Hugging Face model directory (or hub name) loaded with `from_pretrained`."""
+    config: Optional[dict] = None
+    """An HF config as a dict (needs `model_type`): builds a randomly initialised model instead."""
+    dtype: str = "auto"
+    """auto | float32 | bfloat16 | float16. auto = bfloat16 on GPUs that support it, float32 on CPU."""
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        if (self.path is None) == (self.config is None):
+            raise ConfigError("model: set exactly one of model.path (pretrained) or model.config (random init)")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"model.dtype: {self.dtype!r} is not one of auto, float32, bfloat16, float16")
+
+
+@dataclass
+class MethodConfig:
+    name: str = "neutral_residues"
+    """neutral_residues | sigmoid_gate | adapters | lora | finetune."""
+    extra_params: float = 0.20
+    """Trainable parameters added, as a fraction of the backbone's (sets adapter width or LoRA rank)."""
+    hidden_size: Optional[int] = None
+    """Adapter hidden size; overrides the size derived from extra_params."""
+    gate: Optional[str] = None
+    """relu | sigmoid | none. Default follows the method (relu, sigmoid, none)."""
+    init: Optional[str] = None
+    """low_variance | he. Default: low_variance for gated methods, he for adapters."""
+    alpha: float = 100.0
+    """Weight of the l1 local loss on original-domain tokens (neutral_residues; sigmoid_gate if l1_with_sigmoid)."""
+    bce_weight: float = 1.0
+    """Weight of the per-token gate BCE (sigmoid_gate)."""
+    l1_with_sigmoid: bool = False
+    """sigmoid_gate only: add the l1 loss on top of the BCE."""
+    lora_rank: Optional[int] = None
+    """LoRA rank; overrides the rank derived from extra_params."""
+    lora_alpha: Optional[float] = None
+    """LoRA scaling numerator; default = rank (scaling 1)."""
+    lora_dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.name not in METHODS:
+            raise ConfigError(f"method.name: {self.name!r} is not one of {', '.join(METHODS)}")
+        default_gate = {"neutral_residues": "relu", "sigmoid_gate": "sigmoid", "adapters": "none"}
+        default_init = {"neutral_residues": "low_variance", "sigmoid_gate": "low_variance", "adapters": "he"}
+        if self.gate is None:
+            self.gate = default_gate.get(self.name)
+        if self.init is None:
+            self.init = default_init.get(self.name)
+        if self.name in ADAPTER_METHODS:
+            if self.gate not in ("relu", "sigmoid", "none"):
+                raise ConfigError(f"method.gate: {self.gate!r} is not one of relu, sigmoid, none")
+            if self.init not in ("low_variance", "he"):
+                raise ConfigError(f"method.init: {self.init!r} is not one of low_variance, he")
+        if not 0 < self.extra_params <= 10:
+            raise ConfigError(f"method.extra_params: {self.extra_params} must be in (0, 10]")
+        if self.alpha < 0 or self.bce_weight < 0:
+            raise ConfigError("method.alpha and method.bce_weight must be >= 0")
+
+    @property
+    def uses_l1(self) -> bool:
+        return self.name == "neutral_residues" or (self.name == "sigmoid_gate" and self.l1_with_sigmoid)
+
+    @property
+    def uses_bce(self) -> bool:
+        return self.name == "sigmoid_gate"
+
+
+@dataclass
+class StreamConfig:
+    domain: str = ""
+    """Domain name, as written in the MDS `domain` column (e.g. en, fr, code)."""
+    train: Optional[str] = None
+    """MDS directory with this domain's training samples (local path or remote URI)."""
+    val: Optional[str] = None
+    """MDS directory with this domain's held-out samples."""
+    role: str = "new"
+    """original (must stay neutral, mixed in at proportion p) | new."""
+    weight: float = 1.0
+    """Relative weight among streams of the same role."""
+
+    def __post_init__(self):
+        if not self.domain:
+            raise ConfigError("data.streams[].domain is required")
+        if self.role not in ("original", "new"):
+            raise ConfigError(f"data.streams[{self.domain}].role: {self.role!r} is not original or new")
+
+
+@dataclass
+class DataConfig:
+    streams: list[StreamConfig] = field(default_factory=list)
+    p: float = 0.1
+    """Fraction of training sequences drawn from original-role streams."""
+    cache_dir: Optional[str] = None
+    """Local cache for streaming shards. Default: $TMPDIR/<job>/streaming (job-local)."""
+    num_canonical_nodes: int = 1
+    """Fixed so the sample order is the same whatever the number of ranks (elastic resume)."""
+    shuffle: bool = True
+    num_workers: int = 0
+
+    def __post_init__(self):
+        if not self.streams:
+            raise ConfigError("data.streams: at least one stream is required")
+        if not 0 <= self.p <= 1:
+            raise ConfigError(f"data.p: {self.p} must be in [0, 1]")
+        roles = {s.role for s in self.streams}
+        if "new" not in roles and self.p < 1:
+            raise ConfigError("data.streams: no stream has role: new, but data.p < 1")
+        if self.p > 0 and "original" not in roles:
+            raise ConfigError(f"data.p = {self.p} but no stream has role: original")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100
+    global_batch_size: int = 8
+    """Sequences per optimizer step, over all ranks."""
+    micro_batch_size: int = 1
+    """Sequences per rank per forward pass; grad accumulation is derived."""
+    lr: Optional[float] = None
+    """Default: 5e-5 for adapter methods and LoRA, 2e-4 for finetune (METHOD.md)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    """cosine | constant (both after linear warmup)."""
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    activation_checkpointing: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.schedule not in ("cosine", "constant"):
+            raise ConfigError(f"train.schedule: {self.schedule!r} is not cosine or constant")
+        for key in ("max_steps", "global_batch_size", "micro_batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key}: must be >= 1")
+        if len(self.betas) != 2:
+            raise ConfigError("train.betas: must be two numbers")
+
+
+@dataclass
+class DeepSpeedConfig:
+    config: str = "ds_configs/zero2.json"
+    """DeepSpeed JSON; "auto" values are filled from this YAML. Relative paths resolve from the repo root."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100
+    """Save every N optimizer steps (and always at the end and on SIGTERM/SIGUSR1)."""
+    keep_last: int = 2
+    resume: bool = True
+    """Resume from the newest complete checkpoint in run_dir/checkpoints."""
+
+
+@dataclass
+class LogConfig:
+    every: int = 1
+    tensorboard: bool = True
+    wandb: bool = False
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0
+    """Evaluate every N steps (0: only at the end)."""
+    max_batches: Optional[int] = None
+    """Cap on val batches per domain (None: the whole val set)."""
+    batch_size: int = 4
+    """Per-rank eval batch size."""
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/default"
+    model: Optional[ModelConfig] = None
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: Optional[DataConfig] = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        for section in ("model", "data"):
+            if getattr(self, section) is None:
+                raise ConfigError(f"{section}: required section is missing")
+
+    @property
+    def lr(self) -> float:
+        if self.train.lr is not None:
+            return self.train.lr
+        return 2e-4 if self.method.name == "finetune" else 5e-5
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Map each dotted key of a YAML document to its 1-based line, for error messages."""
+    lines: dict[str, int] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = f"{prefix}{k.value}"
+                lines[key] = k.start_mark.line + 1
+                walk(v, key + ".")
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                lines[f"{prefix}{i}"] = v.start_mark.line + 1
+                walk(v, f"{prefix}{i}.")
+
+    root = yaml.compose(text)
+    if root is not None:
+        walk(root, "")
+    return lines
+
+
+def _where(key: str, source: Optional[str], lines: dict[str, int]) -> str:
+    if key in lines and source:
+        return f"{source}:{lines[key]}: "
+    return f"{source}: " if source else ""
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check (and lightly coerce int->float) `value` against the annotation `tp`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, key + ".")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(v, item_tp, f"{key}.{i}") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp in (int, float, str) and (not isinstance(value, tp) or isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (valid keys: {', '.join(sorted(names))})")
+    kwargs = {k: _convert(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node: Any = tree
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = node[int(part)]
+            continue
+        if part not in node or node[part] is None:
+            node[part] = {}
+        node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        key, raw = item.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(raw) if raw != "" else None))
+    return out
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
+                data: Optional[dict] = None) -> RunConfig:
+    """Load a RunConfig from a YAML file (or a dict) plus `key.sub=value` overrides."""
+    source, lines, tree = None, {}, dict(data or {})
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        text = path.read_text()
+        try:
+            lines = _key_lines(text)
+            tree = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        source = str(path)
+    try:
+        for key, value in parse_overrides(overrides or []):
+            try:
+                _set_dotted(tree, key, value)
+            except (KeyError, IndexError, ValueError, TypeError):
+                raise ConfigError(f"override {key}: no such entry") from None
+        return _build(RunConfig, tree)
+    except ConfigError as e:
+        msg = str(e)
+        key = msg.split(":", 1)[0]
+        raise ConfigError(_where(key, source, lines) + msg) from None
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
