@@ -1,0 +1,108 @@
+"""Sharded DeepSpeed checkpoints that are complete-or-invisible, and elastic resume.
+
+Layout: run_dir/checkpoints/<tag>/ holds DeepSpeed's files (trainable params and
+optimizer state only: frozen backbone weights are excluded) plus our meta.json.
+`checkpoints/latest` names the newest tag and is replaced atomically only after
+every rank has finished writing, so a job killed mid-save resumes from the
+previous checkpoint instead of a half-written one.
+
+Resuming on a different number of ranks: DeepSpeed's ZeRO optimizer state is
+partitioned per rank, so we convert the checkpoint once to DeepSpeed's universal
+format (`ds_to_universal`) and load it with `load_universal`. The data position
+is stored as global samples per epoch, which is independent of the world size.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from . import dist
+from .config import ConfigError
+from .logger import log
+
+LATEST = "latest"
+META = "meta.json"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def latest_tag(ckpt_dir: Path) -> Optional[str]:
+    pointer = ckpt_dir / LATEST
+    if not pointer.is_file():
+        return None
+    tag = pointer.read_text().strip()
+    if not (ckpt_dir / tag / META).is_file():
+        raise ConfigError(f"{pointer}: points to {tag!r}, which has no {META}; the checkpoint dir is damaged")
+    return tag
+
+
+def read_meta(ckpt_dir: Path, tag: str) -> dict:
+    return json.loads((ckpt_dir / tag / META).read_text())
+
+
+def check_compatible(meta: dict, expected: dict, where: Path) -> None:
+    """Refuse to resume a checkpoint from another method or backbone."""
+    for key in ("method", "model_hash", "trainable_params"):
+        if meta.get(key) != expected.get(key):
+            raise ConfigError(f"{where}: checkpoint has {key}={meta.get(key)!r} but this run has "
+                              f"{expected.get(key)!r}; use a new run_dir or set checkpoint.resume=false")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save(engine, ckpt_dir: Path, step: int, client_state: dict, meta: dict, keep_last: int) -> str:
+    tag = tag_for(step)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False,
+                           exclude_frozen_parameters=True)
+    dist.barrier()
+    if dist.detect_world().is_main:
+        _atomic_write(ckpt_dir / tag / META, json.dumps({**meta, "step": step, "tag": tag}, indent=2))
+        _atomic_write(ckpt_dir / LATEST, tag)
+        _prune(ckpt_dir, keep_last, current=tag)
+    dist.barrier()
+    return tag
+
+
+def _prune(ckpt_dir: Path, keep_last: int, current: str) -> None:
+    tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step_")
+                  and not p.name.endswith("_universal"))
+    for old in tags[:-keep_last] if keep_last > 0 else []:
+        if old != current:
+            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+            shutil.rmtree(ckpt_dir / f"{old}_universal", ignore_errors=True)
+
+
+def universal_dir(ckpt_dir: Path, tag: str) -> Path:
+    return ckpt_dir / f"{tag}_universal"
+
+
+def convert_to_universal(ckpt_dir: Path, tag: str) -> Path:
+    """Rank 0 converts `tag` to DeepSpeed's universal format (once); others wait."""
+    out = universal_dir(ckpt_dir, tag)
+    if dist.detect_world().is_main and not (out / ".done").exists():
+        from types import SimpleNamespace
+
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        log.info("converting %s to a universal checkpoint (world size changed)", tag)
+        tmp = ckpt_dir / f".{tag}_universal.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        ds_to_universal(SimpleNamespace(
+            input_folder=str(ckpt_dir / tag), output_folder=str(tmp / tag), num_extract_workers=1,
+            num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False))
+        # DeepSpeed's loader wants <dir>/<tag>/ with the model-states files alongside.
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+        (out / ".done").touch()
+    dist.barrier()
+    return out
