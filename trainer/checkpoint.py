@@ -99,7 +99,7 @@ def convert_to_universal(ckpt_dir: Path, tag: str) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         ds_to_universal(SimpleNamespace(
             input_folder=str(ckpt_dir / tag), output_folder=str(tmp / tag), num_extract_workers=1,
-            num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False))
+            num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
         # DeepSpeed's loader wants <dir>/<tag>/ with the model-states files alongside.
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)

@@ -139,9 +139,6 @@ def train(cfg: RunConfig) -> dict:
         step, tokens_seen = client["step"], client["tokens_seen"]
         stream.load_state(client["loader"])
         set_rng_state(client["rng"])
-        if elastic:
-            scheduler.last_epoch = step  # universal checkpoints do not carry our scheduler state
-            scheduler.step(step)
         log.info("resumed from %s at step %d%s", resume_tag, step,
                  f" (world size {resume_meta['world_size']} -> {world.world_size})" if elastic else "")
     if world.is_main:
