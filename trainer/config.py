@@ -187,6 +187,8 @@ class LogConfig:
     tensorboard: bool = True
     wandb: bool = False
     progress: bool = True
+    frozen_checksum: bool = False
+    """Log a hash of all frozen weights at start and end (proves the backbone is untouched; costs a full read)."""
 
 
 @dataclass
@@ -197,6 +199,8 @@ class EvalConfig:
     """Cap on val batches per domain (None: the whole val set)."""
     batch_size: int = 4
     """Per-rank eval batch size."""
+    at_start: bool = True
+    """Evaluate before the first step of a fresh run (the backbone's own numbers, since adapters start at zero)."""
 
 
 @dataclass

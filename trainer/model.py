@@ -73,3 +73,21 @@ def build_model(cfg: RunConfig, ds_config: dict, zero3: bool):
     if cfg.train.activation_checkpointing:
         enable_activation_checkpointing(model, reentrant=False)
     return model, keepalive, ident
+
+
+def frozen_checksum(model) -> str:
+    """sha256 over every frozen parameter, gathered one at a time under ZeRO-3.
+
+    Logged at the start and end of a run: equal values prove the backbone was
+    not touched (a silent unfreeze is the worst bug an extension run can have).
+    """
+    import deepspeed
+
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            continue
+        with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+            h.update(name.encode())
+            h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -171,6 +171,11 @@ def train(cfg: RunConfig) -> dict:
                      "  ".join(f"{d} bpb {r['bpb']:.4f}" for d, r in results.items()))
         return results
 
+    if cfg.log.frozen_checksum:
+        from .model import frozen_checksum
+        logger.write({"frozen_checksum": frozen_checksum(model), "when": "start"}, step)
+    if step == 0 and cfg.eval.at_start and val_sets:
+        evaluate(0)
     engine.train()
     last_saved = step
     while step < cfg.train.max_steps:
@@ -231,6 +236,9 @@ def train(cfg: RunConfig) -> dict:
     results = evaluate(step) if val_sets else {}
     if last_saved != step or not checkpoint.latest_tag(ckpt_dir):
         save(step)
+    if cfg.log.frozen_checksum:
+        from .model import frozen_checksum
+        logger.write({"frozen_checksum": frozen_checksum(model), "when": "end"}, step)
     logger.close()
     return {"stopped": False, "step": step, "eval": results}
 

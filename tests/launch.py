@@ -1,0 +1,117 @@
+"""Run the real CLI in subprocesses: 1 process, or N ranks under torchrun (gloo on CPU)."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(cfg: dict, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def train_cmd(config: Path, nproc: int = 1, overrides=()) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", "trainer", "train", str(config), *overrides]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_port", str(free_port()), "-m", "trainer", "train", str(config), *overrides]
+
+
+def env() -> dict:
+    e = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
+             TOKENIZERS_PARALLELISM="false")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(k, None)
+    return e
+
+
+def run(cmd: list[str], timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
+    return p
+
+
+def start(cmd: list[str], log: Path) -> subprocess.Popen:
+    """Start in its own session so the whole launcher + ranks tree can be signalled or killed."""
+    return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, min_step: int, timeout: int = 300) -> int:
+    latest = run_dir / "checkpoints" / "latest"
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if latest.is_file():
+            step = int(latest.read_text().strip().split("_")[1])
+            if step >= min_step:
+                return step
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited with {proc.returncode} before a checkpoint")
+        time.sleep(0.2)
+    raise AssertionError("no checkpoint in time")
+
+
+def kill_tree(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
+    os.killpg(proc.pid, sig)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    """Last logged loss per step (a resumed run re-logs the steps after its checkpoint)."""
+    return {m["step"]: m["loss"] for m in metrics(run_dir) if "loss" in m}
+
+
+def evals(run_dir: Path) -> dict[int, dict]:
+    return {m["step"]: m["eval"] for m in metrics(run_dir) if "eval" in m}
+
+
+class Ranks:
+    """N plain `python -m trainer train` processes with RANK/WORLD_SIZE set, the way srun starts
+    tasks: each rank receives signals itself (no launcher in between)."""
+
+    def __init__(self, config: Path, nproc: int, log: Path, overrides=()):
+        port = str(free_port())
+        self.procs = []
+        for rank in range(nproc):
+            e = dict(env(), RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank),
+                     LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+            out = open(log.with_name(f"{log.name}.rank{rank}"), "w")
+            self.procs.append(subprocess.Popen(
+                [sys.executable, "-m", "trainer", "train", str(config), *overrides], cwd=ROOT, env=e,
+                stdout=out, stderr=subprocess.STDOUT))
+        self.pid = self.procs[0].pid
+
+    def poll(self):
+        codes = [p.poll() for p in self.procs]
+        return None if any(c is None for c in codes) else max(codes)
+
+    @property
+    def returncode(self):
+        return self.poll()
+
+    def signal(self, sig) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(sig)
+
+    def wait(self, timeout: int = 300) -> list[int]:
+        return [p.wait(timeout=timeout) for p in self.procs]
