@@ -1,0 +1,154 @@
+"""`python -m trainer demo`: the paper's core result in miniature, on a CPU, with no downloads.
+
+It chains the real commands a user runs on a cluster, as subprocesses:
+corpus -> data_prep train-tokenizer -> data_prep build (per domain) ->
+trainer train (pretrain a tiny English backbone) -> trainer export ->
+trainer train (each method, p = 0.1) -> trainer report.
+Every step leaves a `.done` marker, so a re-run reuses finished steps; --fresh redoes them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("finetune", "lora", "adapters", "neutral_residues")
+
+# Learning rates for a ~1M-parameter backbone (the paper's 5e-5 / 2e-4 are for 1B models).
+LR = {"finetune": 1e-3, "lora": 3e-3, "adapters": 3e-3, "neutral_residues": 3e-3}
+
+SIZES = {
+    # name: (files, seq_len, vocab, pretrain steps, extend steps, model overrides)
+    "full": (None, 128, 4096, 500, 300, []),
+    "quick": (120, 64, 1024, 60, 40, ["model.config.hidden_size=64", "model.config.intermediate_size=172",
+                                      "model.config.num_hidden_layers=2"]),
+}
+
+
+class Demo:
+    def __init__(self, out: Path, quick: bool, nproc: int, corpus: Path | None):
+        self.out, self.quick, self.nproc, self.user_corpus = out, quick, nproc, corpus
+        self.files, self.seq_len, self.vocab, self.pre_steps, self.ext_steps, self.model_kw = \
+            SIZES["quick" if quick else "full"]
+        self.env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        if "CUDA_VISIBLE_DEVICES" not in os.environ:
+            self.env.setdefault("DS_ACCELERATOR", "cpu")
+        self.timings: dict[str, float] = {}
+
+    def step(self, name: str, fn) -> None:
+        marker = self.out / ".done" / name
+        if marker.exists():
+            print(f"[demo] {name}: cached", flush=True)
+            return
+        print(f"[demo] {name} ...", flush=True)
+        t0 = time.time()
+        fn()
+        self.timings[name] = round(time.time() - t0, 1)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(str(self.timings[name]))
+        print(f"[demo] {name}: done in {self.timings[name]:.0f}s", flush=True)
+
+    def sh(self, *args: str) -> None:
+        cmd = [sys.executable, "-m", *args]
+        print("  $ " + " ".join(cmd[1:]), flush=True)
+        subprocess.run(cmd, cwd=ROOT, env=self.env, check=True)
+
+    def train(self, config: str, *overrides: str) -> None:
+        if self.nproc > 1:
+            launcher = ["torch.distributed.run", "--nproc_per_node", str(self.nproc), "-m"]
+        else:
+            launcher = []
+        self.sh(*launcher, "trainer", "train", str(ROOT / config), *overrides, "log.progress=false")
+
+    # ----------------------------------------------------------------- steps
+    def corpus(self) -> None:
+        from .demo_corpus import build_corpus
+        dest = self.out / "corpus"
+        if self.user_corpus:
+            dest.mkdir(parents=True, exist_ok=True)
+            for d in ("en", "code"):
+                shutil.copy(self.user_corpus / f"{d}.jsonl", dest / f"{d}.jsonl")
+        else:
+            build_corpus(dest, max_files=self.files)
+
+    def tokenizer(self) -> None:
+        c = self.out / "corpus"
+        self.sh("data_prep", "train-tokenizer", "--input", str(c / "en.jsonl"), str(c / "code.jsonl"),
+                "--out", str(self.out / "tokenizer"), "--vocab-size", str(self.vocab))
+
+    def data(self) -> None:
+        for d in ("en", "code"):
+            self.sh("data_prep", "build", "--input", str(self.out / "corpus" / f"{d}.jsonl"), "--domain", d,
+                    "--tokenizer", str(self.out / "tokenizer"), "--seq-len", str(self.seq_len),
+                    "--out", str(self.out / "data" / d), "--val-fraction", "0.1", "--seed", "0")
+
+    def data_overrides(self) -> list[str]:
+        dd = self.out / "data"
+        return [f"data.streams.0.train={dd}/en/train", f"data.streams.0.val={dd}/en/val",
+                f"data.streams.1.val={dd}/code/val"]
+
+    def pretrain(self) -> None:
+        from transformers import AutoTokenizer
+        vocab = len(AutoTokenizer.from_pretrained(self.out / "tokenizer"))
+        self.train("configs/demo/pretrain.yaml", f"run_dir={self.out / 'pretrain'}", *self.data_overrides(),
+                   f"model.config.vocab_size={vocab}", f"model.config.max_position_embeddings={self.seq_len}",
+                   f"train.max_steps={self.pre_steps}", f"checkpoint.every={self.pre_steps}", *self.model_kw)
+
+    def export_backbone(self) -> None:
+        self.sh("trainer", "export", str(self.out / "pretrain"), "--out", str(self.out / "backbone"),
+                "--tokenizer", str(self.out / "tokenizer"))
+
+    def extend(self, method: str) -> None:
+        self.train("configs/demo/extend.yaml", f"run_dir={self.out / method}", f"method.name={method}",
+                   f"model.path={self.out / 'backbone' / 'hf'}", *self.data_overrides(),
+                   f"data.streams.1.train={self.out / 'data' / 'code' / 'train'}",
+                   f"train.lr={LR[method]}", f"train.max_steps={self.ext_steps}", f"checkpoint.every={self.ext_steps}")
+
+    def report(self) -> dict:
+        from .report import write_report
+        res = write_report([self.out / m for m in METHODS], self.out, backbone=self.out / "pretrain",
+                           title="Quickstart: extending an English backbone to Python code (p = 0.1)")
+        return res
+
+    def run(self) -> dict:
+        t0 = time.time()
+        self.step("corpus", self.corpus)
+        self.step("tokenizer", self.tokenizer)
+        self.step("data", self.data)
+        self.step("pretrain", self.pretrain)
+        self.step("export_backbone", self.export_backbone)
+        for m in METHODS:
+            self.step(f"extend_{m}", lambda m=m: self.extend(m))
+        res = self.report()
+        total = round(time.time() - t0, 1)
+        (self.out / "timings.json").write_text(json.dumps({**self.timings, "total": total}, indent=2))
+        print("\n" + res["table"])
+        print(f"\nreport: {res['markdown']}\nplot:   {res['png']}\ntotal:  {total:.0f}s")
+        return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m trainer demo", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "demo", help="run dir (default: runs/demo)")
+    ap.add_argument("--quick", action="store_true", help="smoke version (~2 min): fewer files, steps, a smaller model")
+    ap.add_argument("--fresh", action="store_true", help="redo every step instead of reusing finished ones")
+    ap.add_argument("--nproc", type=int, default=1, help="ranks per training run (default 1)")
+    ap.add_argument("--corpus", type=Path, help="dir with your own en.jsonl and code.jsonl ({'text': ...} lines)")
+    args = ap.parse_args(argv)
+    if args.corpus and not all((args.corpus / f"{d}.jsonl").is_file() for d in ("en", "code")):
+        print(f"error: --corpus {args.corpus}: needs en.jsonl and code.jsonl", file=sys.stderr)
+        return 2
+    if args.fresh and args.out.exists():
+        shutil.rmtree(args.out)
+    try:
+        Demo(args.out, args.quick, args.nproc, args.corpus).run()
+    except subprocess.CalledProcessError as e:
+        print(f"error: step failed: {' '.join(map(str, e.cmd[1:]))} (exit {e.returncode})", file=sys.stderr)
+        return 1
+    return 0

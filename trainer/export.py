@@ -1,0 +1,119 @@
+"""Turn a run's checkpoint into files people ship: adapters-only and a full HF model directory.
+
+Export runs in one process without DeepSpeed: it rebuilds the backbone from the
+run's config, re-applies the method, and fills the trainable weights with the
+fp32 master copy from the ZeRO checkpoint (`zero_to_fp32` merges the per-rank
+partitions of ZeRO-2 and ZeRO-3 alike). Frozen weights come from the backbone
+itself, which is why checkpoints never need to store them.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .config import ConfigError, RunConfig, load_config
+
+
+def trained_state(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag, exclude_frozen_parameters=True)
+
+
+def load_trained(run_dir: Path, tag: Optional[str] = None, dtype: torch.dtype = torch.float32):
+    """(cfg, model) with the trained weights of `tag` (default: the latest checkpoint)."""
+    from . import checkpoint
+    from .extend import extend_model
+    from .model import backbone_hash, load_backbone
+    from .train import seed_everything
+
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
+    cfg = load_config(cfg_path)
+    ckpt_dir = run_dir / "checkpoints"
+    tag = tag or checkpoint.latest_tag(ckpt_dir)
+    if tag is None:
+        raise ConfigError(f"{ckpt_dir}: no complete checkpoint")
+    meta = checkpoint.read_meta(ckpt_dir, tag)
+    # A randomly initialised backbone is rebuilt from the same seed, exactly as train() built it.
+    seed_everything(cfg.train.seed)
+    model = load_backbone(cfg, dtype)
+    if backbone_hash(model.config) != meta["model_hash"]:
+        raise ConfigError(f"{ckpt_dir / tag}: the backbone at model.path differs from the one trained")
+    extend_model(model, cfg.method)
+    state = trained_state(ckpt_dir, tag)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if unexpected or trainable - set(state):
+        raise ConfigError(f"{ckpt_dir / tag}: checkpoint does not match the model "
+                          f"(unexpected {sorted(unexpected)[:3]}, missing {sorted(trainable - set(state))[:3]})")
+    model.eval()
+    return cfg, model
+
+
+def merge_lora(model) -> None:
+    """Fold peft LoRA layers into their base Linear, leaving a plain HF model."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent = model.get_submodule(name.rsplit(".", 1)[0])
+            setattr(parent, name.rsplit(".", 1)[1], module.get_base_layer())
+
+
+def export_full(cfg: RunConfig, model, out: Path) -> Path:
+    """A directory that `AutoModelForCausalLM.from_pretrained` loads without this repo."""
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.method.name == "lora":
+        merge_lora(model)
+    if cfg.method.name in ("lora", "finetune"):
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.save_pretrained(out, safe_serialization=True)
+        return out
+    from .hf_export import save_with_remote_code
+    return save_with_remote_code(model, cfg.method, out)
+
+
+def export(run_dir: Path, out: Path, tag: Optional[str] = None, tokenizer: Optional[str] = None) -> dict:
+    from .adapters_io import save_adapters
+
+    cfg, model = load_trained(run_dir, tag)
+    written = {}
+    if cfg.method.name != "finetune":
+        base = cfg.model.path or "config"
+        save_adapters(model, cfg.method, out / "adapters", base_model=base)
+        written["adapters"] = out / "adapters"
+    written["hf"] = export_full(cfg, model, out / "hf")
+    tok = tokenizer or cfg.model.path
+    if tok and Path(tok).is_dir():
+        from transformers import AutoTokenizer
+        try:
+            AutoTokenizer.from_pretrained(tok).save_pretrained(out / "hf")
+        except (OSError, ValueError):
+            pass  # the backbone dir has no tokenizer; the model itself is still complete
+    return written
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m trainer export", description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--out", type=Path, required=True, help="writes OUT/hf (full model) and OUT/adapters")
+    ap.add_argument("--tag", help="checkpoint tag (default: latest)")
+    ap.add_argument("--tokenizer", help="tokenizer dir to copy into OUT/hf (default: the backbone's)")
+    args = ap.parse_args(argv)
+    try:
+        written = export(args.run_dir, args.out, args.tag, args.tokenizer)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for kind, path in written.items():
+        print(f"{kind}: {path}")
+    return 0
