@@ -110,6 +110,17 @@ def test_render_prep_rejects_sparse_array(tmp_path):
     assert r.returncode == 2 and "--array" in r.stderr
 
 
+def test_render_prep_redo_some_shards(tmp_path):
+    # NUM_SHARDS=16 sbatch --array=3,7 ...: the task id is the shard index.
+    env = {"NUM_SHARDS": "16", "SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "3",
+           "SLURM_ARRAY_TASK_MAX": "7", "SLURM_ARRAY_TASK_COUNT": "2"}
+    r = render("prep.sbatch", ["--out", "x"], env, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert shown_commands(r.stdout)[0][-6:] == ["--num-shards", "16", "--shard-index", "7", "--workers", "1"]
+    r = render("prep.sbatch", ["--out", "x"], {**env, "NUM_SHARDS": "4"}, tmp_path)
+    assert r.returncode == 2 and "out of range" in r.stderr
+
+
 def test_render_merge_and_eval(tmp_path):
     r = render("merge.sbatch", ["data/fr"], {"SLURM_JOB_ID": "12"}, tmp_path)
     assert r.returncode == 0, r.stderr
