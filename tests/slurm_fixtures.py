@@ -101,6 +101,16 @@ def cluster_unavailable_reason() -> Optional[str]:
     return None
 
 
+def require_cluster() -> None:
+    """Skip the calling test without a cluster, or fail under REQUIRE_SLURM=1 (CI starts one)."""
+    import pytest
+    reason = cluster_unavailable_reason()
+    if reason and os.environ.get("REQUIRE_SLURM") == "1":
+        pytest.fail(f"REQUIRE_SLURM=1 but {reason}")
+    if reason:
+        pytest.skip(reason)
+
+
 def job_env(**extra) -> dict:
     """Environment for sbatch (exported to the job): the test's, minus what the templates
     must set themselves."""

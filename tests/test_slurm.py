@@ -6,14 +6,14 @@ real jobs to the local cluster (bash slurm/local_cluster.sh up) and skip without
 here the trainer is a stub, so the signal/requeue logic of train.sbatch is tested on
 its own (tests/test_slurm_e2e.py runs the real data_prep and trainer).
 """
+import json
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from slurm_fixtures import (LOCAL_CPU_OPTS, LOCAL_TRAIN_OPTS, REPO, SCRIPTS, SLURM_DIR, TEMPLATES,
-                            cancel, cluster_unavailable_reason, job_env, job_records, metrics, read_log,
-                            render, sbatch, sbatch_directives, shown_commands, stub_repo, wait_job,
+from slurm_fixtures import (LOCAL_CPU_OPTS, LOCAL_TRAIN_OPTS, SCRIPTS, SLURM_DIR, TEMPLATES,
+                            cancel, job_env, metrics, read_log,
+                            render, require_cluster, sbatch, sbatch_directives, shown_commands, stub_repo, wait_job,
                             wait_until)
 
 # Options a user must look at before submitting: each needs an "EDIT" marker on its line.
@@ -162,9 +162,7 @@ def test_prep_sh_submits_array_then_merge(tmp_path):
 
 @pytest.fixture
 def cluster():
-    reason = cluster_unavailable_reason()
-    if reason:
-        pytest.skip(reason)
+    require_cluster()
     submitted: list[str] = []
     yield submitted
     cancel(submitted)  # anything a failed test left running
@@ -225,7 +223,7 @@ def test_signal_checkpoints_requeues_and_resumes(cluster, tmp_path, signal):
     # What each rank saw: one task per rank, the rendezvous and the CPU accelerator.
     for attempt in (0, 1):
         for rank in (0, 1):
-            seen = __import__("json").loads((run_dir / "ranks" / f"attempt{attempt}_rank{rank}.json").read_text())
+            seen = json.loads((run_dir / "ranks" / f"attempt{attempt}_rank{rank}.json").read_text())
             assert seen["local"] == rank and seen["world"] == 2
             assert seen["DS_ACCELERATOR"] == "cpu" and seen["MASTER_ADDR"]
             port = 10000 + (int(job) % 1000) * 20 + attempt
