@@ -26,7 +26,7 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 # Options for running the templates on the local 2-core CPU cluster: they override the
 # site values of the #SBATCH lines, exactly as a user would on the command line.
 LOCAL_TRAIN_OPTS = ["--partition=debug", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0",
-                    "--cpus-per-task=1", "--time=00:10:00"]
+                    "--cpus-per-task=1", "--time=00:30:00"]  # > the @600 of --signal
 LOCAL_CPU_OPTS = ["--partition=debug", "--cpus-per-task=1", "--mem=0", "--time=00:10:00"]
 
 
@@ -188,6 +188,9 @@ run = Path(overrides["run_dir"])
 steps = int(overrides.get("train.max_steps", 20))
 delay = float(overrides.get("stub.step_seconds", 0.2))
 rank, world, local = (int(os.environ[k]) for k in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"))
+(run / "started").mkdir(parents=True, exist_ok=True)
+(run / "started" / f"rank{rank}").touch()
+time.sleep(float(overrides.get("stub.startup_seconds", 0)))  # a signal now kills the process
 stop = []
 for sig in (signal.SIGUSR1, signal.SIGTERM):
     signal.signal(sig, lambda s, f: stop.append(signal.Signals(s).name))

@@ -194,12 +194,13 @@ def test_sbatch_accepts_templates(cluster, tmp_path, name, opts, args):
     assert "to start at" in r.stderr
 
 
-def _submit_stub(cluster, tmp_path, steps, extra_env=None):
+def _submit_stub(cluster, tmp_path, steps, extra_env=None, overrides=()):
     repo = stub_repo(tmp_path)
     run_dir, log = tmp_path / "run", tmp_path / "train.out"
     env = job_env(REPO_DIR=repo, NODE_LOCAL_DIR=tmp_path / "local", **(extra_env or {}))
     job = sbatch([*LOCAL_TRAIN_OPTS, f"--output={log}", str(SLURM_DIR / "train.sbatch"), "cfg.yaml",
-                  f"run_dir={run_dir}", f"train.max_steps={steps}", "stub.step_seconds=0.2"], tmp_path, env)
+                  f"run_dir={run_dir}", f"train.max_steps={steps}", "stub.step_seconds=0.2", *overrides],
+                 tmp_path, env)
     cluster.append(job)
     return job, run_dir, log
 
@@ -252,3 +253,17 @@ def test_uninterrupted_stub_run_completes(cluster, tmp_path):
     assert rec["JobState"] == "COMPLETED" and rec["Restarts"] == "0", read_log(log)
     assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3, 4, 5]
     assert "training step exited with code 0" in read_log(log)
+
+
+@pytest.mark.slurm
+def test_signal_during_startup_still_requeues(cluster, tmp_path):
+    # USR1 before the ranks have installed their handlers kills them: no new checkpoint, but
+    # the job must still requeue and resume from the last complete one (here: none).
+    job, run_dir, log = _submit_stub(cluster, tmp_path, steps=5, overrides=["stub.startup_seconds=3"])
+    wait_until(lambda: len(list((run_dir / "started").glob("rank*"))) == 2, 60, what="the ranks to start")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30)
+    (rec,) = wait_job(job, timeout=90)
+    text = read_log(log)
+    assert rec["JobState"] == "COMPLETED" and rec["Restarts"] == "1", text
+    assert "treating it as a stop without checkpoint" in text
+    assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3, 4, 5]
