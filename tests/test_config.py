@@ -25,6 +25,7 @@ def test_defaults_and_overrides(tmp_path):
     assert cfg.method.gate == "none" and cfg.method.init == "he"  # derived from the method
     assert cfg.lr == 5e-5
     assert load_config(data=BASE, overrides=["method.name=finetune"]).lr == 2e-4
+    assert load_config(data=BASE, overrides=["train.lr=1e-3"]).lr == 1e-3  # YAML 1.1 reads 1e-3 as a string
 
 
 def test_unknown_key_names_file_line_and_key(tmp_path):
@@ -37,7 +38,7 @@ def test_unknown_key_names_file_line_and_key(tmp_path):
 
 
 @pytest.mark.parametrize("override,needle", [
-    ("train.max_steps=abc", "train.max_steps: expected int"),
+    ("train.max_steps=abc", "override train.max_steps: expected int"),
     ("method.name=lora2", "method.name: 'lora2' is not one of"),
     ("train.activation_checkpointing=3", "train.activation_checkpointing: expected true/false"),
     ("data.p=1.5", "data.p: 1.5 must be in [0, 1]"),

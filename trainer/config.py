@@ -280,6 +280,12 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads `1e-4` (no dot) as a string; users write it that way all the time.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
     if tp in (int, float, str) and (not isinstance(value, tp) or isinstance(value, bool)):
@@ -343,8 +349,10 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
         source = str(path)
+    overridden = []
     try:
         for key, value in parse_overrides(overrides or []):
+            overridden.append(key)
             try:
                 _set_dotted(tree, key, value)
             except (KeyError, IndexError, ValueError, TypeError):
@@ -353,6 +361,8 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
     except ConfigError as e:
         msg = str(e)
         key = msg.split(":", 1)[0]
+        if key in overridden:
+            raise ConfigError(f"override {msg}") from None
         raise ConfigError(_where(key, source, lines) + msg) from None
 
 

@@ -67,7 +67,9 @@ def build_model(cfg: RunConfig, ds_config: dict, zero3: bool):
     ctx = contextlib.nullcontext()
     if zero3:
         import deepspeed
-        ctx = deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype)
+        # No explicit dtype: with one, DeepSpeed 0.19 picks bf16 on CPU (operator-precedence bug in
+        # Init._set_dtype); without, it follows the config's bf16/fp16 flags like the backbone did.
+        ctx = deepspeed.zero.Init(config_dict_or_path=ds_config)
     with ctx:
         extend_model(model, cfg.method)
     if cfg.train.activation_checkpointing:
