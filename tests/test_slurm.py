@@ -197,6 +197,7 @@ def test_sbatch_accepts_templates(cluster, tmp_path, name, opts, args):
 def _submit_stub(cluster, tmp_path, steps, extra_env=None, overrides=()):
     repo = stub_repo(tmp_path)
     run_dir, log = tmp_path / "run", tmp_path / "train.out"
+    (tmp_path / "cfg.yaml").write_text("# the stub trainer reads only its overrides\n")
     env = job_env(REPO_DIR=repo, NODE_LOCAL_DIR=tmp_path / "local", **(extra_env or {}))
     job = sbatch([*LOCAL_TRAIN_OPTS, f"--output={log}", str(SLURM_DIR / "train.sbatch"), "cfg.yaml",
                   f"run_dir={run_dir}", f"train.max_steps={steps}", "stub.step_seconds=0.2", *overrides],
@@ -253,6 +254,16 @@ def test_uninterrupted_stub_run_completes(cluster, tmp_path):
     assert rec["JobState"] == "COMPLETED" and rec["Restarts"] == "0", read_log(log)
     assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3, 4, 5]
     assert "training step exited with code 0" in read_log(log)
+
+
+@pytest.mark.slurm
+def test_missing_config_fails_fast(cluster, tmp_path):
+    log = tmp_path / "train.out"
+    job = sbatch([*LOCAL_TRAIN_OPTS, f"--output={log}", str(SLURM_DIR / "train.sbatch"), "nope.yaml"], tmp_path)
+    cluster.append(job)
+    (rec,) = wait_job(job, timeout=60)
+    assert rec["JobState"] == "FAILED" and rec["ExitCode"] == "2:0"
+    assert "config nope.yaml not found" in read_log(log)
 
 
 @pytest.mark.slurm
