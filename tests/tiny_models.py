@@ -6,6 +6,7 @@ embedding scaling), small enough that a forward/backward takes milliseconds.
 """
 from __future__ import annotations
 
+import pytest
 import torch
 
 FAMILIES = ("llama", "mistral", "qwen2", "gemma")
@@ -21,6 +22,16 @@ _FAMILY = {
     "gemma": dict(head_dim=16),
     "gemma2": dict(head_dim=16, sliding_window=64, query_pre_attn_scalar=16),
 }
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Import into a test module to run it single-threaded: on a busy 2-core box, torch's
+    intra-op threads fight other processes and make millisecond steps take a second."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_config(family: str, **kw):
@@ -47,3 +58,27 @@ def random_batch(batch: int = 2, seq: int = 16, seed: int = 0) -> torch.Tensor:
     """Token ids in [3, VOCAB) (no special tokens), reproducible."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, seq), generator=g)
+
+
+def train_steps(model, method, ids: torch.Tensor, original_mask: torch.Tensor, steps: int, lr: float = 1e-2,
+                with_local: bool = True) -> list[dict]:
+    """`steps` AdamW steps on one batch, the way the trainer does them; per-step losses and stats.
+
+    Each entry describes the forward BEFORE that step's update.
+    """
+    from trainer.extend import set_domain, trainable_named_parameters
+    from trainer.losses import local_loss
+
+    opt = torch.optim.AdamW([p for _, p in trainable_named_parameters(model)], lr=lr, betas=(0.9, 0.95),
+                            weight_decay=0.0)
+    model.train()
+    history = []
+    for _ in range(steps):
+        set_domain(model, original_mask)
+        out = model(input_ids=ids, labels=ids)
+        local, stats = local_loss(model, method)
+        (out.loss + local if with_local else out.loss).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        history.append({"lm": out.loss.item(), "local": local.item(), **{k: float(v) for k, v in stats.items()}})
+    return history

@@ -340,20 +340,6 @@ def _inject_lora(model: nn.Module, r: int, method: MethodConfig) -> list[nn.Modu
     return layers
 
 
-def merge_lora(model: nn.Module) -> None:
-    """Fold LoRA into the base weights and put plain nn.Linear back (for a full HF export).
-
-    Not for ZeRO-3 partitioned models: gather or consolidate the weights first.
-    """
-    from peft.tuners.lora import LoraLayer
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoraLayer):
-            module.merge()
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, module.get_base_layer())
-
-
 # ----------------------------------------------------------------------------- training-time API
 
 
