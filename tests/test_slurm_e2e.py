@@ -74,8 +74,10 @@ def test_prep_array_and_merge_equal_single_build(cluster, tmp_path):
     inputs = ["--input", *map(str, docs)]
     run_py(["data_prep", "train-tokenizer", *inputs, "--out", str(tmp_path / "tok"), "--vocab-size", "300"], tmp_path)
     build = [*inputs, "--domain", "fr", "--tokenizer", str(tmp_path / "tok"), "--seq-len", "32",
-             "--val-fraction", "0.2", "--seed", "0"]
-    run_py(["data_prep", "build", *build, "--out", str(tmp_path / "single")], tmp_path)
+             "--val-fraction", "0.2", "--seed", "0", "--compression", "none",
+             "--block-bytes", "4000"]  # ~8 blocks (the unit of sharding) over 3 shards
+    # prep.sbatch passes --workers $SLURM_CPUS_PER_TASK (1 here): same for the single build.
+    run_py(["data_prep", "build", *build, "--workers", "1", "--out", str(tmp_path / "single")], tmp_path)
 
     r = subprocess.run(["bash", str(SLURM_DIR / "prep.sh"), "--shards", "3", *LOCAL_CPU_OPTS,
                         f"--output={tmp_path}/%x-%j.out", "--", *build, "--out", str(tmp_path / "sharded")],
@@ -90,6 +92,9 @@ def test_prep_array_and_merge_equal_single_build(cluster, tmp_path):
     assert merge["JobState"] == "COMPLETED", logs()
     assert {f"prep shard {i}/3" for i in range(3)} <= {line.split(": job")[0][4:] for line in logs().splitlines()
                                                         if line.startswith("=== prep shard")}
+    shard_docs = [json.loads((tmp_path / "sharded" / "train" / f"shard-{i:05d}" / "stats.json").read_text())["docs"]
+                  for i in range(3)]
+    assert all(n > 0 for n in shard_docs), f"some shards got no documents: {shard_docs}"
 
     for split in ("train", "val"):
         single, sharded = read_samples(tmp_path / "single" / split), read_samples(tmp_path / "sharded" / split)
