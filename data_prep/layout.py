@@ -99,14 +99,18 @@ class Layout:
 
     def discard_staging(self) -> None:
         shutil.rmtree(self.out / STAGING / self.name, ignore_errors=True)
+        self._remove_empty_staging()
+
+    def _remove_empty_staging(self) -> None:
+        for d in (self.out / STAGING / self.name, self.out / STAGING):
+            try:
+                d.rmdir()
+            except OSError:
+                pass    # not empty: another task is still staging
 
     def publish(self) -> None:
         for split in reversed(self.splits):     # val first: train's presence means the task finished
             final = self.final(split)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.rename(self.staging(split), final)
-        for d in (self.out / STAGING / self.name, self.out / STAGING):
-            try:
-                d.rmdir()
-            except OSError:
-                pass    # another task is still staging
+        self._remove_empty_staging()
