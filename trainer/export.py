@@ -57,48 +57,52 @@ def load_trained(run_dir: Path, tag: Optional[str] = None, dtype: torch.dtype = 
     return cfg, model
 
 
-def merge_lora(model) -> None:
-    """Fold peft LoRA layers into their base Linear, leaving a plain HF model."""
-    from peft.tuners.lora import LoraLayer
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoraLayer):
-            module.merge()
-            parent = model.get_submodule(name.rsplit(".", 1)[0])
-            setattr(parent, name.rsplit(".", 1)[1], module.get_base_layer())
-
-
 def export_full(cfg: RunConfig, model, out: Path) -> Path:
     """A directory that `AutoModelForCausalLM.from_pretrained` loads without this repo."""
     out.mkdir(parents=True, exist_ok=True)
     if cfg.method.name == "lora":
+        from .extend import merge_lora
         merge_lora(model)
     if cfg.method.name in ("lora", "finetune"):
-        for p in model.parameters():
-            p.requires_grad_(True)
         model.save_pretrained(out, safe_serialization=True)
         return out
     from .hf_export import save_with_remote_code
     return save_with_remote_code(model, cfg.method, out)
 
 
-def export(run_dir: Path, out: Path, tag: Optional[str] = None, tokenizer: Optional[str] = None) -> dict:
+def copy_tokenizer(src: str, out: Path, required: bool) -> bool:
+    """Save the tokenizer at `src` into `out` (so `pretrained=DIR` finds it); False if there is none."""
+    from transformers import AutoTokenizer
+
+    try:
+        AutoTokenizer.from_pretrained(src).save_pretrained(out)
+        return True
+    except (OSError, ValueError, TypeError) as e:
+        if required:
+            raise ConfigError(f"--tokenizer {src}: cannot load a tokenizer: {str(e).splitlines()[0]}") from None
+        return False  # the backbone dir has no tokenizer; the model itself is still complete
+
+
+def export(run_dir: Path, out: Path, tag: Optional[str] = None, tokenizer: Optional[str] = None,
+           only: Optional[str] = None) -> dict:
+    """Write OUT/adapters (not for finetune) and OUT/hf; `only` = "adapters" | "hf" skips the other."""
     from .adapters_io import save_adapters
 
+    out = Path(out)
     cfg, model = load_trained(run_dir, tag)
     written = {}
-    if cfg.method.name != "finetune":
-        base = cfg.model.path or "config"
-        save_adapters(model, cfg.method, out / "adapters", base_model=base)
+    if only == "adapters" and cfg.method.name == "finetune":
+        raise ConfigError(f"{run_dir}: a finetune run has no adapters; export the full model (--only hf)")
+    if cfg.method.name != "finetune" and only in (None, "adapters"):
+        save_adapters(model, cfg.method, out / "adapters", base_model=cfg.model.path or "config")
         written["adapters"] = out / "adapters"
-    written["hf"] = export_full(cfg, model, out / "hf")
-    tok = tokenizer or cfg.model.path
-    if tok and Path(tok).is_dir():
-        from transformers import AutoTokenizer
-        try:
-            AutoTokenizer.from_pretrained(tok).save_pretrained(out / "hf")
-        except (OSError, ValueError):
-            pass  # the backbone dir has no tokenizer; the model itself is still complete
+    if only in (None, "hf"):
+        written["hf"] = export_full(cfg, model, out / "hf")
+        tok = tokenizer or cfg.model.path
+        if tok and Path(tok).exists():
+            copy_tokenizer(tok, out / "hf", required=tokenizer is not None)
+        elif tokenizer:
+            raise ConfigError(f"--tokenizer {tokenizer}: no such file or directory")
     return written
 
 
@@ -107,12 +111,13 @@ def main(argv=None) -> int:
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--out", type=Path, required=True, help="writes OUT/hf (full model) and OUT/adapters")
     ap.add_argument("--tag", help="checkpoint tag (default: latest)")
-    ap.add_argument("--tokenizer", help="tokenizer dir to copy into OUT/hf (default: the backbone's)")
+    ap.add_argument("--tokenizer", help="tokenizer dir to copy into OUT/hf (default: the backbone's, if it has one)")
+    ap.add_argument("--only", choices=("adapters", "hf"), help="write only the adapters-only files or the HF dir")
     args = ap.parse_args(argv)
     try:
-        written = export(args.run_dir, args.out, args.tag, args.tokenizer)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        written = export(args.run_dir, args.out, args.tag, args.tokenizer, args.only)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     for kind, path in written.items():
         print(f"{kind}: {path}")
