@@ -3,8 +3,14 @@
 Each run dir holds its resolved config.yaml and metrics.jsonl; the last `eval`
 record gives the final per-domain bits per byte. The original domain (whose
 bits per byte measure forgetting) and the new domain (learning) come from the
-stream roles in the config. The backbone is a run or eval JSON given with
---backbone (the demo uses its pretraining run, which also evaluated the new domain).
+stream roles in the config, and must agree across runs.
+
+The backbone row is, in order of preference:
+  - `--backbone PATH`: a run dir (its last eval; the demo uses its pretraining run)
+    or the JSON that `python -m trainer eval BACKBONE --out` wrote;
+  - otherwise the step-0 eval of the first run that has one: every method starts
+    as exactly the backbone's function (W_o = 0, LoRA B = 0, finetune unchanged),
+    so that eval IS the backbone's.
 """
 from __future__ import annotations
 
@@ -16,95 +22,190 @@ from typing import Optional
 
 import yaml
 
+GATED = ("neutral_residues", "sigmoid_gate")
+
+
+class ReportError(ValueError):
+    """Bad input to report; printed as `error: <message>`."""
+
+
+def _records(run_dir: Path) -> list[dict]:
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        raise ReportError(f"{run_dir}: no metrics.jsonl (not a run directory)")
+    out = []
+    for lineno, line in enumerate(metrics.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ReportError(f"{metrics}:{lineno}: invalid JSON: {e.msg}") from None
+    return out
+
 
 def final_eval(run_dir: Path) -> dict:
     """Last eval record of a run dir, or the `domains` of an eval JSON file."""
+    run_dir = Path(run_dir)
     if run_dir.is_file():
-        data = json.loads(run_dir.read_text())
-        return data.get("domains", data)
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.is_file():
-        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (not a run directory)")
-    last = None
-    for line in metrics.read_text().splitlines():
-        record = json.loads(line)
-        if "eval" in record:
-            last = record["eval"]
-    if last is None:
-        raise ValueError(f"{metrics}: no eval record; the run has not finished")
-    return last
+        try:
+            data = json.loads(run_dir.read_text())
+        except json.JSONDecodeError as e:
+            raise ReportError(f"{run_dir}:{e.lineno}: invalid JSON: {e.msg}") from None
+        domains = data.get("domains", data) if isinstance(data, dict) else None
+        if not isinstance(domains, dict) or not all(isinstance(m, dict) and "bpb" in m for m in domains.values()):
+            raise ReportError(f"{run_dir}: expected an eval JSON with domains -> {{bpb, ...}} "
+                              "(python -m trainer eval ... --out FILE)")
+        return domains
+    if not run_dir.exists():
+        raise ReportError(f"{run_dir}: no such run directory or eval JSON")
+    evals = [r["eval"] for r in _records(run_dir) if "eval" in r]
+    if not evals:
+        raise ReportError(f"{run_dir / 'metrics.jsonl'}: no eval record; the run has not finished")
+    return evals[-1]
+
+
+def start_eval(run_dir: Path) -> Optional[dict]:
+    """The step-0 eval of a run (the backbone's numbers), if it logged one."""
+    for r in _records(run_dir):
+        if "eval" in r and r.get("step") == 0:
+            return r["eval"]
+    return None
 
 
 def run_row(run_dir: Path) -> dict:
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise ReportError(f"{run_dir}: not a run directory (no config.yaml)")
+    cfg = yaml.safe_load(cfg_path.read_text())
     roles = {s["domain"]: s["role"] for s in cfg["data"]["streams"]}
     method = cfg["method"]
-    lr = cfg["train"]["lr"] or (2e-4 if method["name"] == "finetune" else 5e-5)
-    return {"run": run_dir.name, "method": method["name"], "lr": lr, "p": cfg["data"]["p"],
-            "alpha": method["alpha"] if method["name"] in ("neutral_residues", "sigmoid_gate") else None,
-            "extra_params": method["extra_params"] if method["name"] != "finetune" else None,
-            "roles": roles, "eval": final_eval(run_dir)}
+    name = method["name"]
+    lr = cfg["train"]["lr"] or (2e-4 if name == "finetune" else 5e-5)  # RunConfig.lr's defaults
+    records = _records(run_dir)
+    step = max((r.get("step", 0) for r in records if "eval" in r), default=None)
+    alpha = None
+    if name == "neutral_residues" or (name == "sigmoid_gate" and method.get("l1_with_sigmoid")):
+        alpha = method["alpha"]
+    return {"run": run_dir.name, "path": str(run_dir), "method": name, "lr": lr, "p": cfg["data"]["p"],
+            "alpha": alpha, "extra_params": method["extra_params"] if name != "finetune" else None,
+            "step": step, "roles": roles, "eval": final_eval(run_dir)}
 
 
 def collect(runs: list[Path], backbone: Optional[Path]) -> dict:
-    rows = [run_row(r) for r in runs]
+    if not runs:
+        raise ReportError("no run directories given")
+    rows = [run_row(Path(r)) for r in runs]
     roles = rows[0]["roles"]
-    original = next(d for d, r in roles.items() if r == "original")
-    new = [d for d, r in roles.items() if r == "new"]
-    base = final_eval(backbone) if backbone else None
-    return {"original": original, "new": new, "rows": rows, "backbone": base}
+    for r in rows[1:]:
+        if r["roles"] != roles:
+            raise ReportError(f"{r['path']}: domain roles {r['roles']} differ from {rows[0]['path']}'s {roles}; "
+                              "runs in one report must share their original and new domains")
+    original = [d for d, role in roles.items() if role == "original"]
+    new = [d for d, role in roles.items() if role == "new"]
+    if not original or not new:
+        raise ReportError(f"{rows[0]['path']}: needs a stream with role original and one with role new")
+    for r in rows:
+        for d in original + new:
+            if d not in r["eval"]:
+                raise ReportError(f"{r['path']}: its last eval has no `{d}` domain (no val set for it?)")
+    base, base_source = None, None
+    if backbone:
+        base, base_source = final_eval(Path(backbone)), str(backbone)
+    else:
+        for r in rows:
+            base = start_eval(Path(r["path"]))
+            if base:
+                base_source = f"step-0 eval of {r['run']}"
+                break
+    return {"original": original[0], "new": new, "rows": rows, "backbone": base, "backbone_source": base_source}
+
+
+def _fmt(x, spec=".4f") -> str:
+    return "" if x is None else format(x, spec)
 
 
 def markdown_table(rep: dict) -> str:
+    """One row per run (+ backbone): bits per byte per domain, and the change vs the backbone."""
     doms = [rep["original"]] + rep["new"]
-    head = "| method | lr | p | alpha | " + " | ".join(f"{d} bpb" for d in doms) + " |"
-    lines = [head, "|" + "---|" * (4 + len(doms))]
-
-    def fmt(x, spec=".4f"):
-        return "" if x is None else format(x, spec)
-
+    base = rep["backbone"] or {}
+    show_delta = all(d in base for d in doms)
+    head = ["run", "method", "lr", "p", "alpha", "extra", "steps"] + [f"{d} bpb" for d in doms]
+    if show_delta:
+        head += [f"forgetting (Δ{rep['original']})"] + [f"learning (-Δ{d})" for d in rep["new"]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rep["rows"]:
-        cells = [fmt(r["eval"].get(d, {}).get("bpb")) for d in doms]
-        lines.append(f"| {r['method']} | {r['lr']:.0e} | {r['p']} | {fmt(r['alpha'], 'g')} | " + " | ".join(cells) + " |")
+        bpb = [r["eval"][d]["bpb"] for d in doms]
+        cells = [r["run"], r["method"], f"{r['lr']:.0e}", f"{r['p']:g}", _fmt(r["alpha"], "g"),
+                 _fmt(r["extra_params"], "g"), _fmt(r["step"], "d")] + [_fmt(x) for x in bpb]
+        if show_delta:
+            cells += [f"{bpb[0] - base[doms[0]]['bpb']:+.4f}"]
+            cells += [f"{base[d]['bpb'] - x:+.4f}" for d, x in zip(doms[1:], bpb[1:])]
+        lines.append("| " + " | ".join(cells) + " |")
     if rep["backbone"]:
-        cells = [fmt(rep["backbone"].get(d, {}).get("bpb")) for d in doms]
-        lines.append("| backbone | | | | " + " | ".join(cells) + " |")
+        cells = ["backbone", "", "", "", "", "", ""] + [_fmt(base.get(d, {}).get("bpb")) for d in doms]
+        cells += [""] * (len(head) - len(cells))
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def _labels(rows: list[dict]) -> list[str]:
+    """Method names, disambiguated by lr / p / alpha only where several runs share a method."""
+    labels = []
+    for r in rows:
+        same = [o for o in rows if o["method"] == r["method"]]
+        extra = []
+        for key, fmt in (("lr", ".0e"), ("p", "g"), ("alpha", "g")):
+            if len({o[key] for o in same}) > 1 and r[key] is not None:
+                extra.append(f"{key}={format(r[key], fmt)}")
+        labels.append(r["method"] + (f" ({', '.join(extra)})" if extra else ""))
+    return labels
+
+
 def plot(rep: dict, out: Path) -> Path:
+    """Original-domain bpb (forgetting) vs new-domain bpb (learning): lower-left is better."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     orig, new = rep["original"], rep["new"][0]
-    fig, ax = plt.subplots(figsize=(5.5, 4.2), dpi=120)
-    for r in rep["rows"]:
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
+    cmap = plt.get_cmap("tab10")
+    methods = sorted({r["method"] for r in rep["rows"]})
+    for r, label in zip(rep["rows"], _labels(rep["rows"])):
         x, y = r["eval"][new]["bpb"], r["eval"][orig]["bpb"]
-        ax.scatter(x, y, s=40)
-        ax.annotate(r["method"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    if rep["backbone"]:
-        x, y = rep["backbone"][new]["bpb"], rep["backbone"][orig]["bpb"]
-        ax.scatter(x, y, marker="*", s=160, color="black")
-        ax.annotate("backbone", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.set_xlabel(f"{new} bits per byte (learning, lower is better)")
-    ax.set_ylabel(f"{orig} bits per byte (forgetting, lower is better)")
-    ax.set_title("Learning vs forgetting")
+        ax.scatter(x, y, s=45, color=cmap(methods.index(r["method"]) % 10), zorder=3)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    base = rep["backbone"]
+    if base and orig in base and new in base:
+        x, y = base[new]["bpb"], base[orig]["bpb"]
+        ax.scatter(x, y, marker="*", s=220, color="black", zorder=4)
+        ax.annotate("backbone", (x, y), textcoords="offset points", xytext=(6, -10), fontsize=9, weight="bold")
+        ax.axhline(y, color="black", lw=0.6, ls=":", zorder=1)  # no forgetting at all
+    ax.set_xlabel(f"{new} bits per byte (learning: lower is better)")
+    ax.set_ylabel(f"{orig} bits per byte (forgetting: lower is better)")
+    ax.set_title("Learning vs forgetting" + (f" ({len(rep['new'])} new domains, first shown)" if len(rep["new"]) > 1 else ""))
     ax.grid(alpha=0.3)
+    ax.margins(0.15)
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
     return out
 
 
-def write_report(runs: list[Path], out_dir: Path, backbone: Optional[Path] = None, title: str = "Learn/forget report") -> dict:
-    rep = collect(runs, backbone)
+def write_report(runs: list[Path], out_dir: Path, backbone: Optional[Path] = None,
+                 title: str = "Learn/forget report") -> dict:
+    """report.md, report.json and tradeoff.png in out_dir; returns {table, markdown, png, data}."""
+    rep = collect([Path(r) for r in runs], Path(backbone) if backbone else None)
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rep)
     png = plot(rep, out_dir / "tradeoff.png")
+    base_note = f" Backbone: {rep['backbone_source']}." if rep["backbone"] else " No backbone numbers were found."
     text = (f"# {title}\n\nBits per byte on held-out data: `{rep['original']}` is the original domain "
-            f"(lower = less forgetting), {', '.join(f'`{d}`' for d in rep['new'])} the new one (lower = more learning).\n\n"
-            f"{table}\n\n![trade-off]({png.name})\n")
+            f"(lower = less forgetting), {', '.join(f'`{d}`' for d in rep['new'])} the new one "
+            f"(lower = more learning).{base_note}\n\n{table}\n\n![trade-off]({png.name})\n")
     (out_dir / "report.md").write_text(text)
     (out_dir / "report.json").write_text(json.dumps(rep, indent=2, default=str))
     return {"table": table, "markdown": out_dir / "report.md", "png": png, "data": rep}
@@ -113,13 +214,15 @@ def write_report(runs: list[Path], out_dir: Path, backbone: Optional[Path] = Non
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m trainer report", description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path, help="run directories")
-    ap.add_argument("--backbone", type=Path, help="run dir or eval JSON of the unextended backbone")
+    ap.add_argument("--backbone", type=Path,
+                    help="run dir or eval JSON of the unextended backbone (default: a run's step-0 eval)")
     ap.add_argument("--out", type=Path, default=Path("report"), help="output dir for report.md and tradeoff.png")
+    ap.add_argument("--title", default="Learn/forget report")
     args = ap.parse_args(argv)
     try:
-        res = write_report(args.runs, args.out, args.backbone)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        res = write_report(args.runs, args.out, args.backbone, args.title)
+    except (ReportError, KeyError, yaml.YAMLError) as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     print(res["table"])
     print(f"\nwrote {res['markdown']} and {res['png']}")
