@@ -24,7 +24,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from .clean import LangFilter, ParagraphDedup
-from .errors import ConfigError, Skip
+from .errors import ConfigError, InputError, Skip
 from .layout import DONE_JSON, HASHES_NPY, STATS_JSON, Layout
 from .pack import Packer
 from .pipeline import DocConfig, Executor, prepare, tokenize
@@ -165,7 +165,7 @@ class BuildResult:
         if not self.skipped_existing:
             tokens = sum(st["tokens"] for st in self.splits.values())
             parts.append(f"{self.seconds:.1f} s, {tokens / max(self.seconds, 1e-9):,.0f} tokens/s;")
-        parts.append(f"-> {self.paths['train'].parent if self.task != 'all' else self.out}")
+        parts.append(f"-> {self.paths['train'] if self.task != 'all' else self.out}")
         return " ".join(p for p in parts if p)
 
 
@@ -376,6 +376,10 @@ def build(cfg: Optional[BuildConfig] = None, **kwargs) -> BuildResult:
                 if task.exhausted:
                     break
                 task.run_block(blocks[b])
+            if not layout.sharded and task.inp.docs_read == 0:
+                skipped = sum(task.inp.skipped.values())
+                raise InputError(cfg.inputs[0], 0, "the input set holds no documents"
+                                 + (f" ({skipped} bad records skipped)" if skipped else ""))
             stats = task.finish(layout, fp)
     except BaseException:
         layout.discard_staging()   # a failed task leaves nothing behind; a killed one leaves staging only

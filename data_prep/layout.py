@@ -61,11 +61,13 @@ class Layout:
         path = self.out / BUILD_JSON
         if path.is_file():
             old = read_json(path)
-            if old.get("fingerprint") != fp:
+            if old.get("fingerprint") != fp and self._published():
                 keys = sorted(k for k in set(old.get("config", {})) | set(config)
                               if old.get("config", {}).get(k) != config.get(k))
                 raise InputError(str(self.out), 0, "holds a build with different settings "
                                  f"({', '.join(keys) or 'format'} differ); remove it or choose another --out")
+            if old.get("fingerprint") != fp:    # an earlier attempt that published nothing (e.g. bad input)
+                write_json(path, {"fingerprint": fp, "config": config})
         else:
             for split in ("train", "val"):
                 if (self.out / split).exists():
@@ -74,6 +76,11 @@ class Layout:
             self.out.mkdir(parents=True, exist_ok=True)
             write_json(path, {"fingerprint": fp, "config": config})
         return fp
+
+    def _published(self) -> bool:
+        """Whether any task of the build in OUT has published output (which settings must then match)."""
+        return any((self.out / split / DONE_JSON).is_file() or any((self.out / split).glob(f"*/{DONE_JSON}"))
+                   for split in ("train", "val"))
 
     def is_done(self, fp: str) -> bool:
         for split in self.splits:

@@ -99,6 +99,12 @@ def test_bad_record_fails_with_file_and_line(tmp_path, capsys, tok, name):
     assert rc == 1 and out == ""
     assert_one_error_line(err, str(path.resolve()), bad_line, pattern)
     assert_nothing_published(tmp_path / "out")
+    # Fixing the input and running again just works (the failed attempt published nothing).
+    if len(lines) == 1:
+        return
+    path.write_bytes(b"\n".join(line for i, line in enumerate(lines, 1) if i != bad_line) + b"\n")
+    rc, out, err = run_main(capsys, *build_args([path], tmp_path / "out", tok))
+    assert rc == 0 and f"{len(lines) - 1} docs read" in out, err
 
 
 def test_on_error_skip_counts_every_bad_record(tmp_path, capsys, tok, docs):
@@ -150,8 +156,12 @@ def test_bad_txt_gz_and_parquet_inputs(tmp_path, capsys, tok, docs):
     assert rc == 1
     assert_one_error_line(err, str(pqf.resolve()), 0, r'no column "text" \(columns: content\)')
     rc, _, err = run_main(capsys, *build_args([pqf], tmp_path / "o4", tok, "--on-error", "skip"))
+    assert rc == 1 and err.strip().endswith("the input set holds no documents (5 bad records skipped)")
+    pq.write_table(pa.table({"text": docs[5:8]}), tmp_path / "u.parquet")
+    rc, _, err = run_main(capsys, *build_args([pqf, tmp_path / "u.parquet"], tmp_path / "o4", tok, "--on-error", "skip"))
     assert rc == 0
-    assert read_json(tmp_path / "o4" / "train" / "stats.json")["input"]["skipped"]["missing_field"] == 5
+    inp = read_json(tmp_path / "o4" / "train" / "stats.json")["input"]
+    assert inp["skipped"]["missing_field"] == 5 and inp["docs_kept"] == 3
     rc, _, err = run_main(capsys, *build_args([pqf], tmp_path / "o5", tok, "--text-field", "content"))
     assert rc == 0 and read_json(tmp_path / "o5" / "train" / "stats.json")["input"]["docs_kept"] == 5
 
@@ -175,11 +185,13 @@ def test_unknown_tokenizer_and_empty_input_sets(tmp_path, capsys, tok, docs):
              (str(tmp_path / "empty.jsonl"), r"input set is empty"),
              (str(tmp_path / "missing.jsonl"), r"no such file"), (str(tmp_path / "x.csv"), r"unsupported")]
     (tmp_path / "x.csv").write_text("a,b\n")
+    (tmp_path / "blank.jsonl").write_text("\n  \n")
+    cases.append((str(tmp_path / "blank.jsonl"), r"holds no documents"))
     for spec, reason in cases:
         rc, _, err = run_main(capsys, *build_args([spec], tmp_path / "o", tok))
         assert rc == 1, spec
         assert_one_error_line(err, spec, 0, reason)
-    assert not (tmp_path / "o").exists()
+    assert_nothing_published(tmp_path / "o")
 
 
 def test_bad_options_are_one_line_exit_2(tmp_path, capsys, tok, docs):
@@ -371,6 +383,14 @@ def test_interrupted_unsharded_build_reruns_to_identical_output(tmp_path, capsys
     rc, stdout, _ = run_main(capsys, *build_args([inp], tmp_path / "out", tok, *common))
     assert rc == 0 and "already complete" not in stdout
     assert tree_bytes(tmp_path / "out") == tree_bytes(tmp_path / "ref")
+
+
+def test_progress_bar_reports_docs_and_tokens_per_second(tmp_path, capsys, tok, docs):
+    inp = write_jsonl(tmp_path / "in.jsonl", docs)
+    rc, out, err = run_main(capsys, *build_args([inp], tmp_path / "o", tok, "--progress"))
+    assert rc == 0 and "docs" in err and "tok/s" in err and f"{len(docs)} docs read" in out
+    rc, out, err = run_main(capsys, *build_args([inp], tmp_path / "o2", tok, "--no-progress"))
+    assert rc == 0 and err == ""
 
 
 def test_build_and_train_tokenizer_through_main(tmp_path, capsys, docs):
