@@ -265,9 +265,16 @@ class Extension:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The HF model behind a DeepSpeed engine (or the model itself)."""
-    inner = getattr(model, "module", None)
-    return inner if isinstance(inner, nn.Module) and not hasattr(model, "_trainer_extension") else model
+    """The HF model behind a DeepSpeed engine (or the model itself).
+
+    Tested by type, not by attribute: DeepSpeedEngine forwards unknown attributes to
+    its module, so `hasattr(engine, ...)` cannot tell the two apart.
+    """
+    from transformers import PreTrainedModel
+
+    while not isinstance(model, PreTrainedModel) and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
 
 
 def get_extension(model: nn.Module) -> Optional[Extension]:
