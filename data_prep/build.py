@@ -240,7 +240,7 @@ class _Task:
             if res[0] == "drop":
                 outcomes.append(res)
                 continue
-            _, paragraphs, seps, hashes, par_bytes, is_val = res
+            _, paragraphs, seps, hashes, is_val = res
             if dedup is None:
                 text, removed, kept = "".join(p + s for p, s in zip(paragraphs, seps + [""])), 0, []
             else:
@@ -257,7 +257,7 @@ class _Task:
         """Counts and packs one batch, strictly in input order; stops at --max-tokens."""
         ids_iter = iter(handle.get())
         outcome_iter = iter(outcomes)
-        docs = tokens = 0
+        docs = 0
         for item in batch:
             if isinstance(item, Skip):
                 self._skip(item)
@@ -281,7 +281,6 @@ class _Task:
             st.docs += 1
             st.doc_bytes += nbytes
             st.tokens += len(ids)
-            tokens += len(ids)
             for sample, sample_bytes in packers[split].add(ids, nbytes):
                 self.writers[split].write({"input_ids": sample, "domain": self.cfg.domain, "num_bytes": sample_bytes})
                 st.samples += 1

@@ -67,7 +67,7 @@ def _die_with_parent() -> None:
 
 
 def prepare(texts: list[str]) -> list[tuple]:
-    """Per text: ("drop", reason) or ("keep", paragraphs, separators, hashes, par_bytes, is_val)."""
+    """Per text: ("drop", reason) or ("keep", paragraphs, separators, hashes, is_val)."""
     st, cfg = _STATE, _STATE.cfg
     out = []
     for raw in texts:
@@ -86,9 +86,8 @@ def prepare(texts: list[str]) -> list[tuple]:
             hashes = [None] * len(paragraphs)
         else:
             hashes = [paragraph_hash(p) if len(p) >= cfg.dedup_min_chars else None for p in paragraphs]
-        par_bytes = [len(p.encode("utf-8")) for p in paragraphs]
         is_val = cfg.val_fraction > 0 and val_hash(text, cfg.seed) < cfg.val_fraction
-        out.append(("keep", paragraphs, seps, hashes, par_bytes, is_val))
+        out.append(("keep", paragraphs, seps, hashes, is_val))
     return out
 
 

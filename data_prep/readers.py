@@ -9,7 +9,6 @@ counted skip, never garbage in the output.
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import zlib
 from typing import Iterator, Union
@@ -91,14 +90,35 @@ def _guard(parse, opts: ReadOptions, *args) -> Item:
         raise
 
 
-def _open_stream(src: Source):
-    if src.kind == "jsonl.gz":
-        return gzip.open(src.path, "rb")
-    if src.kind == "jsonl.zst":
-        import zstandard
+def _zst_lines(path: str) -> Iterator[bytes]:
+    """Lines of a .zst file, frame after frame. A stream reader would end quietly at a cut
+    (a truncated download); here a frame left unfinished at end of file is an error."""
+    import zstandard
 
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(src.path, "rb"), closefd=True))
-    return open(src.path, "rb")
+    dctx = zstandard.ZstdDecompressor()
+    dobj, in_frame, rest = dctx.decompressobj(), False, b""
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            while chunk:
+                in_frame = True
+                out = rest + dobj.decompress(chunk)
+                *lines, rest = out.split(b"\n")
+                yield from (line + b"\n" for line in lines)
+                chunk = b""
+                if dobj.eof:                           # frame done; the next one may start in this chunk
+                    chunk, dobj, in_frame = dobj.unused_data, dctx.decompressobj(), False
+    if in_frame:
+        raise EOFError("zstd data ends in the middle of a frame (truncated file?)")
+    if rest:
+        yield rest
+
+
+def _compressed_lines(src: Source) -> Iterator[bytes]:
+    if src.kind == "jsonl.zst":
+        yield from _zst_lines(src.path)
+    else:
+        with gzip.open(src.path, "rb") as f:
+            yield from f
 
 
 def _stream_errors():
@@ -111,9 +131,7 @@ def _lines(piece: Piece, counter: LineCounter) -> Iterator[tuple[int, bytes]]:
     """(line number, raw line) for the lines that start inside the piece."""
     src = piece.source
     if src.kind not in ("jsonl", "txt"):          # compressed: one piece per file, read as a stream
-        with _open_stream(src) as f:
-            for n, raw in enumerate(f, 1):
-                yield n, raw
+        yield from enumerate(_compressed_lines(src), 1)
         return
     with open(src.path, "rb") as f:
         pos = piece.start

@@ -139,13 +139,16 @@ def test_bad_txt_gz_and_parquet_inputs(tmp_path, capsys, tok, docs):
     assert rc == 1
     assert_one_error_line(err, str(txt.resolve()), 3, r"invalid UTF-8 at byte 6")
 
-    gz = tmp_path / "cut.jsonl.gz"
-    data = gzip.compress(b"".join(json.dumps({"text": d}).encode() + b"\n" for d in docs))
-    gz.write_bytes(data[:len(data) // 2])                     # a download cut in half
-    rc, _, err = run_main(capsys, *build_args([gz], tmp_path / "o2", tok))
-    assert rc == 1 and "cannot read jsonl.gz data" in err and len(err.strip().splitlines()) == 1
-    assert ERROR_LINE.match(err.strip())
-    assert_nothing_published(tmp_path / "o2")
+    import zstandard
+
+    raw = b"".join(json.dumps({"text": d}).encode() + b"\n" for d in docs)
+    for suffix, data in (("gz", gzip.compress(raw)), ("zst", zstandard.ZstdCompressor().compress(raw))):
+        cut = tmp_path / f"cut.jsonl.{suffix}"
+        cut.write_bytes(data[:len(data) // 2])                # a download cut in half
+        rc, _, err = run_main(capsys, *build_args([cut], tmp_path / "o2", tok))
+        assert rc == 1 and f"cannot read jsonl.{suffix} data" in err and len(err.strip().splitlines()) == 1
+        assert ERROR_LINE.match(err.strip()) and str(cut.resolve()) in err
+        assert_nothing_published(tmp_path / "o2")
 
     import pyarrow as pa
     import pyarrow.parquet as pq
