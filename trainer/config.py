@@ -31,8 +31,9 @@ class ModelConfig:
     config: Optional[dict] = None
     """An HF config as a dict (needs `model_type`): builds a randomly initialised model instead."""
     dtype: str = "auto"
-    """auto | float32 | bfloat16 | float16. auto = bfloat16 on GPUs that support it, float32 on CPU."""
+    """auto / float32 / bfloat16 / float16. auto = bfloat16 on GPUs that support it, float32 on CPU."""
     trust_remote_code: bool = False
+    """Allow model code shipped with the checkpoint (needed for exports of adapter methods)."""
 
     def __post_init__(self):
         if (self.path is None) == (self.config is None):
@@ -44,15 +45,15 @@ class ModelConfig:
 @dataclass
 class MethodConfig:
     name: str = "neutral_residues"
-    """neutral_residues | sigmoid_gate | adapters | lora | finetune."""
+    """neutral_residues / sigmoid_gate / adapters / lora / finetune."""
     extra_params: float = 0.20
     """Trainable parameters added, as a fraction of the backbone's (sets adapter width or LoRA rank)."""
     hidden_size: Optional[int] = None
     """Adapter hidden size; overrides the size derived from extra_params."""
     gate: Optional[str] = None
-    """relu | sigmoid | none. Default follows the method (relu, sigmoid, none)."""
+    """relu / sigmoid / none. Default follows the method (relu, sigmoid, none)."""
     init: Optional[str] = None
-    """low_variance | he. Default: low_variance for gated methods, he for adapters."""
+    """low_variance / he. Default: low_variance for gated methods, he for adapters."""
     alpha: float = 100.0
     """Weight of the l1 local loss on original-domain tokens (neutral_residues; sigmoid_gate if l1_with_sigmoid)."""
     bce_weight: float = 1.0
@@ -64,6 +65,7 @@ class MethodConfig:
     lora_alpha: Optional[float] = None
     """LoRA scaling numerator; default = rank (scaling 1)."""
     lora_dropout: float = 0.0
+    """Dropout on the LoRA branch input."""
 
     def __post_init__(self):
         if self.name not in METHODS:
@@ -102,7 +104,7 @@ class StreamConfig:
     val: Optional[str] = None
     """MDS directory with this domain's held-out samples."""
     role: str = "new"
-    """original (must stay neutral, mixed in at proportion p) | new."""
+    """original (must stay neutral, mixed in at proportion p) / new."""
     weight: float = 1.0
     """Relative weight among streams of the same role."""
 
@@ -123,7 +125,9 @@ class DataConfig:
     num_canonical_nodes: int = 1
     """Fixed so the sample order is the same whatever the number of ranks (elastic resume)."""
     shuffle: bool = True
+    """Shuffle samples (deterministically, from train.seed)."""
     num_workers: int = 0
+    """DataLoader worker processes per rank (0: load in the training process)."""
 
     def __post_init__(self):
         if not self.streams:
@@ -140,6 +144,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 100
+    """Optimizer steps for the whole run (a resumed run continues up to it)."""
     global_batch_size: int = 8
     """Sequences per optimizer step, over all ranks."""
     micro_batch_size: int = 1
@@ -147,14 +152,21 @@ class TrainConfig:
     lr: Optional[float] = None
     """Default: 5e-5 for adapter methods and LoRA, 2e-4 for finetune (METHOD.md)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     schedule: str = "cosine"
-    """cosine | constant (both after linear warmup)."""
+    """cosine / constant (both after linear warmup)."""
     warmup_steps: int = 10
+    """Linear warmup steps."""
     min_lr_ratio: float = 0.1
+    """Cosine floor, as a fraction of lr."""
     grad_clip: float = 1.0
+    """Global gradient-norm clipping (DeepSpeed gradient_clipping)."""
     activation_checkpointing: bool = False
+    """Recompute layer activations in backward (non-reentrant; saves memory, costs ~1 forward)."""
     seed: int = 0
+    """Seeds init, dropout and the data shuffle."""
 
     def __post_init__(self):
         if self.schedule not in ("cosine", "constant"):
@@ -177,6 +189,7 @@ class CheckpointConfig:
     every: int = 100
     """Save every N optimizer steps (and always at the end and on SIGTERM/SIGUSR1)."""
     keep_last: int = 2
+    """Checkpoints kept in run_dir/checkpoints (older ones are deleted after a new one is complete)."""
     resume: bool = True
     """Resume from the newest complete checkpoint in run_dir/checkpoints."""
 
@@ -184,9 +197,13 @@ class CheckpointConfig:
 @dataclass
 class LogConfig:
     every: int = 1
+    """Write a metrics.jsonl line every N steps."""
     tensorboard: bool = True
+    """Write tensorboard events to run_dir/tensorboard."""
     wandb: bool = False
+    """Also log to Weights & Biases (if installed)."""
     progress: bool = True
+    """Show a progress bar on rank 0 (turn off in batch jobs to keep logs small)."""
     frozen_checksum: bool = False
     """Log a hash of all frozen weights at start and end (proves the backbone is untouched; costs a full read)."""
 
@@ -372,3 +389,52 @@ def to_dict(cfg) -> dict:
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- reference docs
+
+
+def reference_markdown() -> str:
+    """The README's config reference, generated from the dataclasses and their attribute docstrings."""
+    import ast
+    import inspect
+
+    hints = {"model": ModelConfig, "method": MethodConfig, "data": DataConfig, "train": TrainConfig,
+             "deepspeed": DeepSpeedConfig, "checkpoint": CheckpointConfig, "log": LogConfig, "eval": EvalConfig}
+    rows = ["| key | default | meaning |", "|---|---|---|",
+            "| `run_dir` | `runs/default` | where config.yaml, metrics.jsonl, tensorboard/ and checkpoints/ go |"]
+
+    def docs(cls) -> dict[str, str]:
+        tree = ast.parse(inspect.getsource(cls))
+        body = tree.body[0].body
+        out = {}
+        for a, b in zip(body, body[1:]):
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+                out[a.target.id] = " ".join(b.value.value.split())
+        return out
+
+    def walk(prefix: str, cls) -> None:
+        d = docs(cls)
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                default = None
+            if f.name == "streams":
+                rows.append(f"| `{prefix}streams` | `[]` | list of streams, each with the keys below |")
+                walk(f"{prefix}streams[].", StreamConfig)
+                continue
+            shown = "null" if default is None else json_like(default)
+            rows.append(f"| `{prefix}{f.name}` | `{shown}` | {d.get(f.name, '')} |")
+
+    for name, cls in hints.items():
+        walk(f"{name}.", cls)
+    return "\n".join(rows)
+
+
+def json_like(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
