@@ -4,7 +4,7 @@
 #   bash slurm/prep.sh [--shards K] [SBATCH OPTIONS...] -- BUILD ARGS...
 #
 #   bash slurm/prep.sh --shards 16 --partition=cpu --account=myproj -- \
-#        --input raw/fr/*.jsonl.gz --domain fr --tokenizer models/llama3 --seq-len 2048 --out data/fr
+#        --input 'raw/fr/*.jsonl.gz' --domain fr --tokenizer models/llama3 --seq-len 2048 --out data/fr
 #
 # SBATCH OPTIONS go to both jobs (they override the #SBATCH lines of prep.sbatch and
 # merge.sbatch). BUILD ARGS go to `python -m data_prep build`; their --out is what the merge
@@ -21,7 +21,7 @@ while (( $# )); do
     case $1 in
         --shards) SHARDS=${2:?--shards needs a number}; shift 2 ;;
         --shards=*) SHARDS=${1#*=}; shift ;;
-        -h|--help) sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; exit 0 ;;
         --) shift; break ;;
         *) SBATCH_OPTS+=("$1"); shift ;;
     esac
