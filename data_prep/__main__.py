@@ -89,7 +89,8 @@ def _parser() -> argparse.ArgumentParser:
                        description="Train byte-level BPE on the inputs; AutoTokenizer.from_pretrained(OUT) loads it.")
     _input_args(t)
     t.add_argument("--out", required=True, help="output tokenizer directory")
-    t.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size, special tokens included (default 8192)")
+    t.add_argument("--vocab-size", type=int, default=8192,
+                   help="vocabulary size, special tokens included (default 8192)")
     t.add_argument("--min-frequency", type=int, default=2, help="minimum count of a merged pair (default 2)")
     t.add_argument("--min-chars", type=int, default=1, help="skip documents shorter than this")
     return parser

@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import islice
 from typing import Iterator, Optional
 
@@ -161,7 +161,8 @@ class BuildResult:
                  f"{inp['docs_read']} docs read, {inp['docs_kept']} kept "
                  f"({sum(inp['dropped'].values())} dropped, {sum(inp['skipped'].values())} skipped, "
                  f"{inp['paragraphs_deduplicated']} paragraphs deduplicated);"]
-        parts += [f"{split}: {st['samples']} samples, {st['sample_tokens']} tokens;" for split, st in self.splits.items()]
+        parts += [f"{split}: {st['samples']} samples, {st['sample_tokens']} tokens;"
+                  for split, st in self.splits.items()]
         if not self.skipped_existing:
             tokens = sum(st["tokens"] for st in self.splits.values())
             parts.append(f"{self.seconds:.1f} s, {tokens / max(self.seconds, 1e-9):,.0f} tokens/s;")

@@ -104,11 +104,10 @@ def _is_saved_dataset(path: Path) -> bool:
 def _walk(root: str) -> list[str]:
     """Supported files under root, in sorted order, skipping hidden files and directories."""
     found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [os.path.join(dirpath, f) for f in sorted(filenames)
-                  if not f.startswith(".") and kind_of(f)]
-    return found
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found += [os.path.join(dirpath, f) for f in filenames if not f.startswith(".") and kind_of(f)]
+    return sorted(found, key=lambda f: Path(f).relative_to(root).parts)
 
 
 def resolve_inputs(specs: list[str]) -> list[Source]:

@@ -161,7 +161,8 @@ def test_bad_txt_gz_and_parquet_inputs(tmp_path, capsys, tok, docs):
     rc, _, err = run_main(capsys, *build_args([pqf], tmp_path / "o4", tok, "--on-error", "skip"))
     assert rc == 1 and err.strip().endswith("the input set holds no documents (5 bad records skipped)")
     pq.write_table(pa.table({"text": docs[5:8]}), tmp_path / "u.parquet")
-    rc, _, err = run_main(capsys, *build_args([pqf, tmp_path / "u.parquet"], tmp_path / "o4", tok, "--on-error", "skip"))
+    rc, _, err = run_main(capsys, *build_args([pqf, tmp_path / "u.parquet"], tmp_path / "o4", tok,
+                                              "--on-error", "skip"))
     assert rc == 0
     inp = read_json(tmp_path / "o4" / "train" / "stats.json")["input"]
     assert inp["skipped"]["missing_field"] == 5 and inp["docs_kept"] == 3
