@@ -129,8 +129,9 @@ def train(cfg: RunConfig) -> dict:
     stream = TrainStream(cfg, cfg.train.micro_batch_size, world.world_size)
     val_sets = {s.domain: s.val for s in cfg.data.streams if s.val}
 
-    step, tokens_seen = 0, 0
+    step, tokens_seen, load_s = 0, 0, None
     if resume_tag:
+        t_load = time.perf_counter()
         load_dir = checkpoint.convert_to_universal(ckpt_dir, resume_tag) if elastic else ckpt_dir
         _, client = engine.load_checkpoint(str(load_dir), tag=resume_tag, load_module_strict=False,
                                            load_optimizer_states=True, load_lr_scheduler_states=True)
@@ -139,6 +140,7 @@ def train(cfg: RunConfig) -> dict:
         step, tokens_seen = client["step"], client["tokens_seen"]
         stream.load_state(client["loader"])
         set_rng_state(client["rng"])
+        load_s = time.perf_counter() - t_load
         log.info("resumed from %s at step %d%s", resume_tag, step,
                  f" (world size {resume_meta['world_size']} -> {world.world_size})" if elastic else "")
     if world.is_main:
@@ -149,14 +151,20 @@ def train(cfg: RunConfig) -> dict:
                        cfg.log.progress, to_dict(cfg))
     if world.is_main and step == 0:
         logger.write({"params": counts, "world_size": world.world_size, "zero_stage": stage}, step)
+    if load_s is not None:
+        logger.write({"resumed_from": resume_tag, "world_size": world.world_size, "load_s": round(load_s, 3)}, step)
     stop = StopFlag()
     accum = ds_config["gradient_accumulation_steps"]
     domains = [s.domain for s in cfg.data.streams]
 
     def save(at_step: int) -> None:
         client = {"step": at_step, "tokens_seen": tokens_seen, "loader": stream.state_dict(), "rng": rng_state()}
-        checkpoint.save(engine, ckpt_dir, at_step, client, meta, cfg.checkpoint.keep_last)
-        log.info("checkpoint %s saved", checkpoint.tag_for(at_step))
+        t_save = time.perf_counter()
+        tag = checkpoint.save(engine, ckpt_dir, at_step, client, meta, cfg.checkpoint.keep_last)
+        save_s = time.perf_counter() - t_save
+        size = sum(f.stat().st_size for f in (ckpt_dir / tag).iterdir()) if world.is_main else 0
+        logger.write({"checkpoint": tag, "save_s": round(save_s, 3), "bytes": size}, at_step)
+        log.info("checkpoint %s saved (%.1f MB, %.1fs)", tag, size / 1e6, save_s)
 
     def evaluate(at_step: int) -> dict:
         engine.eval()
