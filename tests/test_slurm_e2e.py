@@ -3,7 +3,8 @@
 - prep: a 3-task array job + the merge job give the same samples as one unsharded build;
 - train: train.sbatch with 2 CPU ranks runs to completion;
 - preemption: `scancel --signal=USR1 --batch` mid-training -> checkpoint, requeue, resume,
-  and the final metrics equal those of the uninterrupted run.
+  and the final metrics equal those of the uninterrupted run;
+- eval: eval.sbatch chained with --dependency=afterok on the training job, 2 ranks.
 
 They skip without a cluster (bash slurm/local_cluster.sh up), and fail instead under
 REQUIRE_SLURM=1, as in CI.
@@ -143,14 +144,19 @@ def by_step(run_dir: Path) -> tuple[dict, dict]:
 
 @pytest.fixture(scope="module")
 def reference_run(cluster, train_setup):
+    """The uninterrupted run, and an eval job chained to it with --dependency=afterok."""
     root, config = train_setup
     job, run_dir, log = submit_train(cluster, root, config, "uninterrupted")
+    eval_log, eval_out = root / "eval.out", root / "eval.json"
+    eval_job = sbatch([*LOCAL_TRAIN_OPTS, f"--dependency=afterok:{job}", f"--output={eval_log}",
+                       str(SLURM_DIR / "eval.sbatch"), str(run_dir), "--out", str(eval_out)], root)
+    cluster.append(eval_job)
     (rec,) = wait_job(job, timeout=300)
-    return job, rec, run_dir, log
+    return job, rec, run_dir, log, (eval_job, eval_log, eval_out)
 
 
 def test_train_two_cpu_ranks_completes(reference_run):
-    job, rec, run_dir, log = reference_run
+    job, rec, run_dir, log, _ = reference_run
     text = read_log(log)
     assert rec["JobState"] == "COMPLETED" and rec["ExitCode"] == "0:0", text
     assert rec["Restarts"] == "0"
@@ -191,3 +197,20 @@ def test_preemption_requeues_and_matches_uninterrupted_run(cluster, train_setup,
     for domain, ref in ref_evals[STEPS].items():
         for key, value in ref.items():
             assert evals[STEPS][domain][key] == pytest.approx(value, rel=1e-5, abs=1e-7), (domain, key)
+
+
+def test_eval_chained_after_training(reference_run):
+    job, rec, run_dir, _, (eval_job, eval_log, eval_out) = reference_run
+    (ev,) = wait_job(eval_job, timeout=300)
+    text = read_log(eval_log)
+    assert ev["JobState"] == "COMPLETED", text
+    # afterok: the eval started only once training had finished.
+    assert ev["StartTime"] >= rec["EndTime"], (ev["StartTime"], rec["EndTime"])
+    results = json.loads(eval_out.read_text())
+    assert results["world_size"] == 2, results
+    # Same model, same val sets: the numbers of the trainer's own final eval.
+    _, evals = by_step(run_dir)
+    final = evals[STEPS]
+    for domain, ref in final.items():
+        for key in ("loss", "bpb", "tokens"):
+            assert results["domains"][domain][key] == pytest.approx(ref[key], rel=1e-5), (domain, key)
