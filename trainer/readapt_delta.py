@@ -130,11 +130,16 @@ def compute_delta(base_dir: str | Path, instruct_dir: str | Path, out_dir: str |
         for rows in row_chunks(shape, chunk_elements):
             b, i = base.read(name, rows), inst.read(name, rows)
             fingerprint.update(b)
-            d = (i.double() - b.double()).to(out_dtype)
-            # The round trip apply performs (in float64, rounded to the model's dtype) must give i back.
-            back = (b.double() + d.double()).to(target)
-            inexact += int((back != i).logical_and(~(back.isnan() & i.isnan())).sum())
+            # In place where possible: the float64 temporaries dominate the peak memory.
+            d = i.to(torch.float64, copy=True)  # a copy even for float64 weights: d is modified
+            d -= b
+            d = d.to(out_dtype)  # no copy when storing float64
             writer.write(d)
+            # The round trip apply performs (in float64, rounded to the model's dtype) must give i back.
+            back = d if d.dtype == torch.float64 else d.double()  # d is written: free to reuse
+            back += b
+            back = back.to(target)
+            inexact += int(((back != i) & ~(back.isnan() & i.isnan())).sum())
             del b, i, d, back
         writer.end()
         inexact_total += inexact
