@@ -1,0 +1,317 @@
+"""Export: adapters-only files and full HF dirs whose logits equal the trained model's.
+
+The full HF dirs are loaded in a FRESH interpreter with this repo off sys.path
+(no PYTHONPATH, cwd elsewhere, `import trainer` asserted to fail), for every
+method trained for real and for each supported backbone family. The adapters-only
+file is also saved from inside a 2-rank ZeRO-3 engine (run as
+`torchrun tests/test_export.py zero3 OUT`) and compared with one process.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch import ROOT, env, free_port, run
+from tiny_models import FAMILIES, random_batch, tiny_model
+from trained_runs import METHODS, shared_runs
+
+IDS = random_batch(2, 24, seed=5)
+GATED = ("neutral_residues", "sigmoid_gate")
+
+# Runs in the fresh interpreter: loads each listed dir, saves its logits on the same ids.
+LOADER = r'''
+import importlib.util, json, sys, torch
+assert importlib.util.find_spec("trainer") is None, "the repo is importable: the test would prove nothing"
+from transformers import AutoModelForCausalLM
+manifest = json.load(open(sys.argv[1]))
+ids = torch.load(manifest["ids"])
+out = {}
+for name, d in manifest["dirs"].items():
+    model = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True).eval()
+    with torch.no_grad():
+        out[name] = {"logits": model(ids).logits, "class": type(model).__name__}
+    try:  # without trust_remote_code a gated export must refuse to load, not drop its adapters
+        AutoModelForCausalLM.from_pretrained(d)
+        out[name]["plain_load"] = "loaded"
+    except Exception as e:
+        out[name]["plain_load"] = type(e).__name__
+torch.save(out, manifest["out"])
+'''
+
+
+def fresh_process_logits(dirs: dict[str, Path], tmp: Path) -> dict:
+    tmp.mkdir(parents=True, exist_ok=True)
+    torch.save(IDS, tmp / "ids.pt")
+    manifest = {"ids": str(tmp / "ids.pt"), "out": str(tmp / "out.pt"), "dirs": {k: str(v) for k, v in dirs.items()}}
+    (tmp / "manifest.json").write_text(json.dumps(manifest))
+    (tmp / "load.py").write_text(LOADER)
+    e = {k: v for k, v in env().items() if k != "PYTHONPATH"}
+    e["HF_HOME"] = str(tmp / "hf_home")  # the dynamic-module cache, kept out of ~/.cache
+    p = subprocess.run([sys.executable, str(tmp / "load.py"), str(tmp / "manifest.json")], cwd=tmp, env=e,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return torch.load(tmp / "out.pt")
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return shared_runs(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def exported(runs, tmp_path_factory):
+    """Every trained method exported with the CLI, plus each family's remote-code/merged dirs."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer import export
+    from trainer.config import MethodConfig
+    from trainer.extend import adapter_blocks, extend_model
+    from trainer.hf_export import save_with_remote_code
+
+    root = tmp_path_factory.mktemp("exported")
+    cases = {}
+    backbone = logits(AutoModelForCausalLM.from_pretrained(runs["backbone"]).eval())
+    for method, run_dir in runs["runs"].items():
+        assert export.main([str(run_dir), "--out", str(root / method)]) == 0
+        _, model = export.load_trained(run_dir)
+        cases[method] = {"dir": root / method / "hf", "ref": logits(model), "backbone": backbone}
+    for family in FAMILIES:
+        for method in ("neutral_residues", "adapters"):
+            model = tiny_model(family)
+            mc = MethodConfig(name=method)
+            extend_model(model, mc)
+            torch.manual_seed(1)
+            for block in adapter_blocks(model):  # W_o = 0 at init would make any adapter bug invisible
+                torch.nn.init.normal_(block.adapter.w_o, std=0.5)
+            model.eval()
+            ref = logits(model)
+            name = f"{family}_{method}"
+            save_with_remote_code(model, mc, root / name)
+            cases[name] = {"dir": root / name, "ref": ref, "backbone": logits(tiny_model(family))}
+    loaded = fresh_process_logits({k: v["dir"] for k, v in cases.items()}, root / "fresh")
+    return {name: {**case, **loaded[name]} for name, case in cases.items()}
+
+
+TRAINED = list(METHODS)
+FAMILY_CASES = [f"{f}_{m}" for f in FAMILIES for m in ("neutral_residues", "adapters")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TRAINED + FAMILY_CASES)
+def test_full_hf_dir_gives_the_trained_logits_in_a_fresh_process(exported, name):
+    case = exported[name]
+    assert not torch.allclose(case["ref"], case["backbone"], atol=1e-4), "the model equals its backbone"
+    torch.testing.assert_close(case["logits"], case["ref"], atol=2e-5, rtol=1e-5)
+    method = name.split("_", 1)[1] if name.split("_")[0] in FAMILIES else name
+    if method in GATED:
+        assert case["class"] == "ParallelAdapterForCausalLM"
+        assert case["plain_load"] != "loaded"
+        assert (case["dir"] / "modeling_parallel_adapter.py").is_file()
+    else:  # finetune, lora and ungated adapters are plain HF models of the backbone's class
+        assert case["class"].endswith("ForCausalLM") and case["class"] != "ParallelAdapterForCausalLM"
+        assert case["plain_load"] == "loaded"
+        assert not (case["dir"] / "modeling_parallel_adapter.py").exists()
+
+
+@pytest.mark.slow
+def test_merged_adapters_widen_the_ffn_by_the_adapter_width(exported, runs):
+    from trainer.adapters_io import read_adapter_config
+
+    cfg = json.loads((exported["adapters"]["dir"] / "config.json").read_text())
+    h = read_adapter_config(exported["adapters"]["dir"].parent / "adapters")["adapter_hidden_size"]
+    backbone = json.loads((runs["backbone"] / "config.json").read_text())
+    assert cfg["intermediate_size"] == backbone["intermediate_size"] + h
+    assert "auto_map" not in cfg and cfg["model_type"] == "llama"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "finetune"])
+def test_adapters_only_file_round_trip_and_exact_keys(exported, runs, method):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from trainer.adapters_io import load_adapters
+    from trainer.extend import trainable_named_parameters
+
+    path = exported[method]["dir"].parent / "adapters"
+    model = AutoModelForCausalLM.from_pretrained(runs["backbone"]).eval()
+    n_backbone = sum(p.numel() for p in model.parameters())
+    load_adapters(model, path)
+    torch.testing.assert_close(logits(model.eval()), exported[method]["ref"], atol=1e-6, rtol=1e-6)
+    saved = load_file(str(path / "adapters.safetensors"))
+    assert set(saved) == {n for n, _ in trainable_named_parameters(model)}
+    assert 0.1 * n_backbone < sum(t.numel() for t in saved.values()) < 0.3 * n_backbone  # extra_params = 0.2
+
+
+@pytest.mark.slow
+def test_export_refuses_bad_input(runs, tmp_path, capsys):
+    from trainer import export
+
+    assert export.main([str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    (empty / "config.yaml").write_text((runs["runs"]["lora"] / "config.yaml").read_text())
+    assert export.main([str(empty), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no complete checkpoint" in err and err.count("\n") == 1
+    assert export.main([str(runs["runs"]["finetune"]), "--out", str(tmp_path / "o"), "--only", "adapters"]) == 2
+
+
+# ----------------------------------------------------------------------------- lm-evaluation-harness
+
+LM_EVAL_TASK = """\
+task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+MC_ITEMS = [
+    {"context": "def add(a, b): return", "choices": ["a + b", "a - b", "print"], "label": 0},
+    {"context": "The cat sat on the", "choices": ["mat", "integer overflow"], "label": 0},
+    {"context": "for i in", "choices": ["range(3):", "the morning"], "label": 0},
+    {"context": "Hello", "choices": ["world", "x"], "label": 1},
+]
+
+
+@pytest.mark.slow
+def test_lm_eval_harness_loads_the_export_and_agrees_with_our_scoring(exported, tmp_path):
+    """lm_eval.simple_evaluate(model="hf", trust_remote_code) on a gated export; same log-likelihoods as ours."""
+    lm_eval = pytest.importorskip("lm_eval", reason="optional: pip install -r requirements-optional.txt")
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.mc import build_requests, load_items, metrics, score_requests
+
+    data = tmp_path / "tiny_mc.jsonl"
+    data.write_text("".join(json.dumps(x) + "\n" for x in MC_ITEMS))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tiny_mc.yaml").write_text(LM_EVAL_TASK.format(data=data))
+    hf_dir = exported["neutral_residues"]["dir"]
+    res = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={hf_dir},trust_remote_code=True,dtype=float32,add_bos_token=True",
+        tasks=["tiny_mc"], task_manager=TaskManager(include_path=str(tmp_path / "tasks")), num_fewshot=0,
+        batch_size=2, device="cpu", log_samples=True)
+    theirs = {s["doc_id"]: [r[0][0] for r in s["resps"]] for s in res["samples"]["tiny_mc"]}
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True).eval()
+    items = load_items(data)
+    requests = build_requests(items, AutoTokenizer.from_pretrained(hf_dir))
+    ll = score_requests(lambda ids: model(input_ids=ids).logits, requests, 4, "cpu", 64)
+    ours = [[ll[i].item() for i, r in enumerate(requests) if r.item == k] for k in range(len(items))]
+    for k in range(len(items)):
+        assert theirs[k] == pytest.approx(ours[k], abs=1e-4)
+    m = metrics(items, requests, ll)
+    assert res["results"]["tiny_mc"]["acc,none"] == pytest.approx(m["acc"])
+    assert res["results"]["tiny_mc"]["acc_norm,none"] == pytest.approx(m["acc_norm"])
+
+
+# ----------------------------------------------------------------------------- ZeRO-3, 2 ranks
+
+
+def zero3_worker(out: Path, stage: int, backbone: Path) -> None:
+    """Load + extend (under zero.Init for stage 3), one optimizer step on a fixed batch, save adapters.
+
+    zero.Init initialises new params differently from a plain build, so the adapters
+    are overwritten with seeded values (through GatheredParameters, before the
+    optimizer copies them) and the backbone comes from a saved dir. The global batch
+    (4 rows) is laid out as (accumulation, rank, micro) so 1 and 2 ranks see the same
+    micro batches and take the same step.
+    """
+    import deepspeed
+
+    from mds_fixtures import tiny_run_config
+    from trainer import dist
+    from trainer.adapters_io import save_adapters
+    from trainer.config import load_config
+    from trainer.ds_config import build_ds_config
+    from trainer.extend import gathered, set_domain, trainable_named_parameters
+    from trainer.losses import local_loss
+    from trainer.model import build_model
+    from trainer.perplexity import token_nll
+    from trainer.train import seed_everything
+
+    world = dist.init_distributed()
+    spec = tiny_run_config(out, {"en": {}, "code": {}}, "neutral_residues", global_batch_size=4, micro_batch_size=2)
+    spec["deepspeed"]["config"] = f"ds_configs/zero{stage}.json"
+    spec["model"] = {"path": str(backbone)}
+    cfg = load_config(data=spec)
+    ds = build_ds_config(cfg, world.world_size, on_gpu=False)
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition even tiny params
+    seed_everything(0)
+    model, _keep, _ = build_model(cfg, ds, zero3=stage == 3)
+    params = [p for _, p in trainable_named_parameters(model)]
+    gen = torch.Generator().manual_seed(7)
+    for p in params:
+        with gathered([p], modifier_rank=0), torch.no_grad():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds)
+    if stage == 3:
+        assert all(p.numel() == 0 for p in params), "ZeRO-3 did not partition the adapters"
+    accum = ds["gradient_accumulation_steps"]
+    rows = random_batch(4, 16, seed=3).view(accum, world.world_size, 2, 16)
+    original = torch.tensor([[True], [False]])
+    for k in range(accum):
+        set_domain(model, original)
+        ids = rows[k, world.rank]
+        lm = token_nll(engine(input_ids=ids).logits, ids).mean()
+        local, _ = local_loss(model, cfg.method)
+        engine.backward(lm + local)
+        engine.step()
+    save_adapters(engine.module, cfg.method, out / "adapters", base_model="config")
+    engine.save_checkpoint(str(out / "ckpt"), tag="t", exclude_frozen_parameters=True)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_adapters_only_file_under_zero3_two_ranks_equals_one_process(tmp_path):
+    from safetensors.torch import load_file
+
+    from trainer.export import trained_state
+
+    from trained_runs import save_backbone
+
+    backbone = str(save_backbone(tmp_path / "backbone"))
+    script = str(Path(__file__).resolve())
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+         str(free_port()), script, "zero3", str(tmp_path / "z3"), backbone])
+    run([sys.executable, script, "zero2", str(tmp_path / "single"), backbone])
+    z3 = load_file(str(tmp_path / "z3" / "adapters" / "adapters.safetensors"))
+    single = load_file(str(tmp_path / "single" / "adapters" / "adapters.safetensors"))
+    assert set(z3) == set(single) and len(z3) == 2 * 4  # 2 layers x (w_g, w_i, w_o, w_b)
+    for name in single:
+        assert z3[name].shape == single[name].shape and z3[name].numel() > 0, name
+        torch.testing.assert_close(z3[name], single[name], atol=1e-6, rtol=1e-5)
+    cfg3 = json.loads((tmp_path / "z3" / "adapters" / "adapter_config.json").read_text())
+    assert cfg3["trainable_params"] == sum(t.numel() for t in single.values())
+    # The export path (zero_to_fp32 over the 2-rank ZeRO-3 checkpoint) gives the same tensors.
+    merged = trained_state(tmp_path / "z3" / "ckpt", "t")
+    assert set(merged) == set(z3)
+    for name in z3:
+        torch.testing.assert_close(merged[name], z3[name], atol=0, rtol=0)
+
+
+if __name__ == "__main__":  # torchrun tests/test_export.py zero3|zero2 OUT
+    os.chdir(ROOT)
+    zero3_worker(Path(sys.argv[2]), 3 if sys.argv[1] == "zero3" else 2, Path(sys.argv[3]))
