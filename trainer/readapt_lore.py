@@ -40,6 +40,17 @@ def choose_rank(s: torch.Tensor, tau: float) -> int:
     return int(torch.searchsorted(explained, torch.tensor([tau], dtype=torch.float64), side="left")) + 1
 
 
+def numerical_spectrum(s: torch.Tensor, m: int, n: int) -> torch.Tensor:
+    """s with values below float32 SVD round-off (s_max * max(m, n) * eps, as numpy's matrix_rank) set to 0.
+
+    Without this a rank-r matrix has min(m, n) - r tiny nonzero singular values of pure
+    round-off, and tau = 1 would keep all of them instead of stopping at r.
+    """
+    if s.numel() == 0:
+        return s
+    return torch.where(s > s[0] * max(m, n) * torch.finfo(torch.float32).eps, s, torch.zeros_like(s))
+
+
 def explained_variance(s: torch.Tensor, k: int) -> float:
     energy = (s.double() ** 2)
     total = float(energy.sum())
@@ -63,6 +74,7 @@ def compress(delta_dir: str | Path, out_dir: str | Path, tau: float = 0.5, max_s
         if t.dim() == 2 and in_block(name):
             m, n = t.shape
             u, s, vt = torch.linalg.svd(t.float(), full_matrices=False)  # u (m, r), s (r,), vt (r, n)
+            s = numerical_spectrum(s, m, n)
             k = choose_rank(s, tau)
             writer.add(name + US, (u[:, :k] * s[:k]).contiguous())
             writer.add(name + VT, vt[:k].contiguous())
