@@ -79,6 +79,24 @@ def test_per_sample_mask_equals_the_same_per_token_mask():
     assert all(sa[k].item() == sb[k].item() for k in sa)
 
 
+def test_step_wide_l1_normaliser_gives_the_pooled_mean():
+    """With l1_tokens = original tokens per micro batch averaged over the step, the mean of the
+    micro-batch l1s is the l1 of the pooled batch, however unevenly original samples are split."""
+    model, cfg = extended(name="neutral_residues")
+    ids = random_batch(4, 16)
+    _, _, pooled = forward_local(model, cfg, torch.tensor([[True], [True], [True], [False]]), ids)
+    l1_tokens = 3 * 16 / 2
+    micro = []
+    for part, mask in ((slice(0, 2), [[True], [True]]), (slice(2, 4), [[True], [False]])):
+        set_domain(model, torch.tensor(mask), l1_tokens=l1_tokens)
+        model(input_ids=ids[part])
+        micro.append(local_loss(model, cfg)[1]["l1"])
+    torch.testing.assert_close((micro[0] + micro[1]) / 2, pooled["l1"])
+    set_domain(model, ALL_NEW[:2], l1_tokens=0.0)
+    model(input_ids=ids[:2])
+    assert local_loss(model, cfg)[0].item() == 0.0
+
+
 def test_relu_gate_statistics_count_open_gates_per_domain():
     model, cfg = extended(name="neutral_residues")
     zs = []

@@ -96,8 +96,9 @@ class _DomainPass:
     d(total loss)/d(sum of l1 shares) and d(total loss)/d(sum of bce shares).
     """
 
-    def __init__(self, mask: Optional[torch.Tensor]):
+    def __init__(self, mask: Optional[torch.Tensor], l1_tokens: Optional[float] = None):
         self.mask = mask
+        self.l1_tokens = l1_tokens
         self.grad_weights: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
 
@@ -219,7 +220,11 @@ class ParallelAdapterMLP(nn.Module):
         l1_share = bce_share = None
         if self.uses_l1:
             # Mean |y| over elements, then over original tokens; clamp keeps 0/0 = 0 exactly.
-            l1_share = (y.abs().float().mean(-1) * orig).sum() / n_orig.clamp(min=1.0) / L
+            # The trainer passes l1_tokens = original tokens per micro batch averaged over the
+            # whole optimizer step (all ranks, all accumulation steps), so the l1 is a mean over the
+            # step's original tokens whatever the world size or the grouping into micro batches.
+            denom = n_orig if p.l1_tokens is None else torch.as_tensor(p.l1_tokens, device=n_orig.device)
+            l1_share = (y.abs().float().mean(-1) * orig).sum() / denom.clamp(min=1.0) / L
         if self.uses_bce:
             bce_share = F.binary_cross_entropy_with_logits(z.float(), new) / L
         with torch.no_grad():
@@ -355,17 +360,20 @@ def adapter_blocks(model: nn.Module) -> list[ParallelAdapterMLP]:
     return ext.blocks if ext is not None else []
 
 
-def set_domain(model: nn.Module, original_mask: Optional[torch.Tensor]) -> None:
+def set_domain(model: nn.Module, original_mask: Optional[torch.Tensor], l1_tokens: Optional[float] = None) -> None:
     """Declare which tokens of the NEXT training forward are original-domain (True).
 
     `original_mask`: bool, (B, 1) per sample or (B, T) per token; None disables the
-    local loss and statistics. Call it before every training forward (it also clears
-    the previous forward's records). Eval-mode forwards ignore it. A no-op for lora
-    and finetune, which have no local loss.
+    local loss and statistics. `l1_tokens`: what the l1 sum is divided by (default:
+    this batch's original-token count); the trainer passes the step-wide average so
+    the loss does not depend on how samples are split over ranks and micro batches.
+    Call it before every training forward (it also clears the previous forward's
+    records). Eval-mode forwards ignore it. A no-op for lora and finetune, which have
+    no local loss.
     """
     if original_mask is not None and original_mask.dtype != torch.bool:
         raise TypeError(f"set_domain: original_mask must be a bool tensor, got {original_mask.dtype}")
-    p = _DomainPass(original_mask)
+    p = _DomainPass(original_mask, l1_tokens)
     for block in adapter_blocks(model):
         block.domain_pass = p
         block.record = None
