@@ -61,7 +61,7 @@ def export_full(cfg: RunConfig, model, out: Path) -> Path:
     """A directory that `AutoModelForCausalLM.from_pretrained` loads without this repo."""
     out.mkdir(parents=True, exist_ok=True)
     if cfg.method.name == "lora":
-        from .extend import merge_lora
+        from .hf_export import merge_lora
         merge_lora(model)
     if cfg.method.name in ("lora", "finetune"):
         model.save_pretrained(out, safe_serialization=True)

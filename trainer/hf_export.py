@@ -16,7 +16,8 @@ bookkeeping), so logits match the trained model. The model_type is new
 (`parallel_adapter_<backbone>`), so loading WITHOUT trust_remote_code fails
 loudly instead of silently dropping the adapters.
 
-Ungated adapters (method `adapters`) need none of this: the backbone MLP and
+LoRA merges into the base weights (`merge_lora`), giving a plain model of the
+backbone's class. Ungated adapters (method `adapters`) need no remote code either: the backbone MLP and
 the adapter are both gated FFNs with the same activation, so concatenating
 them along the hidden dimension gives one plain MLP with intermediate_size + h:
 
@@ -159,6 +160,22 @@ def save_with_remote_code(model: nn.Module, method: MethodConfig, out: str | Pat
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     (out / MODELING_FILE).write_text(modeling_source(model))
     return out
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> None:
+    """Fold peft LoRA into the base weights and put the plain nn.Linear back (W += B A * scaling).
+
+    For an unpartitioned model only (export runs without ZeRO). Kept here with the
+    other merges; trainer.extend injects LoRA but does not undo it.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.get_base_layer())
 
 
 def _cat_linear(first: nn.Linear, weight: torch.Tensor, dim: int) -> nn.Linear:
