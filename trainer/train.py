@@ -192,10 +192,16 @@ def train(cfg: RunConfig) -> dict:
         # rows = domains, columns = [lm nll, predicted tokens, samples].
         sums = torch.zeros(len(domains), 3, dtype=torch.float64, device=device)
         local_sum, stats_sum = torch.zeros((), device=device), {}
-        for _ in range(accum):
-            batch = stream.next_batch()
+        micro_batches = [stream.next_batch() for _ in range(accum)]
+        masks = [original_mask(b["domain"], cfg.data.streams) for b in micro_batches]
+        # The l1 is a mean over the original tokens of the whole optimizer step (all ranks and
+        # accumulation steps), so that it is the same loss on any number of ranks.
+        seq_len = micro_batches[0]["input_ids"].shape[1]
+        n_orig = dist.all_reduce_sum(torch.tensor([float(sum(m.sum() for m in masks) * seq_len)], device=device))
+        l1_tokens = n_orig.item() / (world.world_size * accum)
+        for batch, mask in zip(micro_batches, masks):
             ids = batch["input_ids"].to(device)
-            set_domain(model, original_mask(batch["domain"], cfg.data.streams).to(device))
+            set_domain(model, mask.to(device), l1_tokens=l1_tokens)
             logits = engine(input_ids=ids).logits
             nll = token_nll(logits, ids)
             lm = nll.mean()
