@@ -61,6 +61,16 @@ def model_kind(source: Path) -> str:
     raise EvalError(f"{source}: neither a run directory (config.yaml) nor an HF model directory (config.json)")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def tokenizer_dir(path: Optional[str]) -> Optional[str]:
+    """`path` if it is a directory holding a tokenizer, else None."""
+    if path and Path(path).is_dir() and any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+        return str(path)
+    return None
+
+
 def load_model(source: Path, dtype: torch.dtype, tag: Optional[str] = None, trust_remote_code: bool = False):
     """(model in eval mode, info) where info has kind, tokenizer (a default path or None) and val sets."""
     kind = model_kind(source)
@@ -68,7 +78,7 @@ def load_model(source: Path, dtype: torch.dtype, tag: Optional[str] = None, trus
         from .export import load_trained
 
         cfg, model = load_trained(source, tag, dtype)
-        tok = cfg.model.path if cfg.model.path and Path(cfg.model.path).is_dir() else None
+        tok = tokenizer_dir(cfg.model.path)
         val = {s.domain: s.val for s in cfg.data.streams if s.val}
         return model, {"kind": "run", "tokenizer": tok, "val": val, "method": cfg.method.name}
     config = json.loads((source / "config.json").read_text())
@@ -82,7 +92,7 @@ def load_model(source: Path, dtype: torch.dtype, tag: Optional[str] = None, trus
     except (OSError, ValueError) as e:
         raise EvalError(f"{source}: cannot load a causal LM: {str(e).splitlines()[0]}") from None
     model.eval()
-    return model, {"kind": "hf", "tokenizer": str(source), "val": {}, "method": None}
+    return model, {"kind": "hf", "tokenizer": tokenizer_dir(source), "val": {}, "method": None}
 
 
 def load_tokenizer(path: Optional[str], required_for: str):
@@ -93,7 +103,8 @@ def load_tokenizer(path: Optional[str], required_for: str):
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError) as e:
-        raise EvalError(f"{path}: cannot load a tokenizer for {required_for}: {str(e).splitlines()[0]}") from None
+        raise EvalError(f"{path}: cannot load a tokenizer for {required_for} (use --tokenizer DIR): "
+                        f"{str(e).splitlines()[0]}") from None
 
 
 # ----------------------------------------------------------------------------- evaluation
