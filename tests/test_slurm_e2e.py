@@ -4,7 +4,7 @@
 - train: train.sbatch with 2 CPU ranks runs to completion;
 - preemption: `scancel --signal=USR1 --batch` mid-training -> checkpoint, requeue, resume,
   and the final metrics equal those of the uninterrupted run;
-- eval: eval.sbatch chained with --dependency=afterok on the training job, 2 ranks.
+- eval: eval.sbatch chained with --dependency=afterok on the training job.
 
 They skip without a cluster (bash slurm/local_cluster.sh up), and fail instead under
 REQUIRE_SLURM=1, as in CI.
@@ -148,7 +148,8 @@ def reference_run(cluster, train_setup):
     root, config = train_setup
     job, run_dir, log = submit_train(cluster, root, config, "uninterrupted")
     eval_log, eval_out = root / "eval.out", root / "eval.json"
-    eval_job = sbatch([*LOCAL_TRAIN_OPTS, f"--dependency=afterok:{job}", f"--output={eval_log}",
+    eval_opts = [o for o in LOCAL_TRAIN_OPTS if not o.startswith("--ntasks-per-node")] + ["--ntasks-per-node=1"]
+    eval_job = sbatch([*eval_opts, f"--dependency=afterok:{job}", f"--output={eval_log}",
                        str(SLURM_DIR / "eval.sbatch"), str(run_dir), "--out", str(eval_out)], root)
     cluster.append(eval_job)
     (rec,) = wait_job(job, timeout=300)
@@ -207,7 +208,7 @@ def test_eval_chained_after_training(reference_run):
     # afterok: the eval started only once training had finished.
     assert ev["StartTime"] >= rec["EndTime"], (ev["StartTime"], rec["EndTime"])
     results = json.loads(eval_out.read_text())
-    assert results["world_size"] == 2, results
+    assert results["world_size"] == 1, results
     # Same model, same val sets: the numbers of the trainer's own final eval.
     _, evals = by_step(run_dir)
     final = evals[STEPS]
