@@ -76,6 +76,17 @@ def test_a_b_zero_is_the_base_and_a_zero_b_one_the_instruct_model(setup, kind):
         assert not torch.allclose(logits(both), inst_logits, atol=1e-4)
 
 
+@pytest.mark.parametrize("family", ("gemma", "qwen2"))
+def test_endpoints_on_other_families(tmp_path, family):
+    """Gemma ties the LM head to the embedding (one tensor, two names); Qwen2 has attention biases."""
+    base, inst = save_pair(tmp_path, family)
+    compute_delta(base, inst, tmp_path / "delta")
+    perturbed(load(base), seed=4).save_pretrained(tmp_path / "ft")
+    for psi in (None, tmp_path / "ft"):
+        assert torch.equal(logits(build(base, tmp_path / "delta", psi, a=0, b=0)[0]), logits(load(base)))
+        assert torch.equal(logits(build(base, tmp_path / "delta", psi, a=0, b=1)[0]), logits(load(inst)))
+
+
 def test_a_one_b_one_equals_applying_both(setup):
     """Adapters: the instruct model with Psi attached as trained. LoRA: the same, via peft's own forward."""
     for kind in ("neutral_residues", "lora"):
@@ -148,17 +159,16 @@ def test_written_dir_loads_like_any_export(setup, tmp_path, kind):
 
 
 def test_gated_adapters_are_written_with_remote_code(setup, tmp_path):
+    """The scaled adapters go through the export's remote-code writer (loaded back in test_readapt_runs)."""
     out = tmp_path / "out"
-    model, _, _ = build(setup["base"], setup["delta"], setup["psi"]["neutral_residues"])
-    expected = logits(model)
-    apply(setup["base"], setup["delta"], out, setup["psi"]["neutral_residues"])
-    config = (out / "config.json").read_text()
-    assert "auto_map" in config and (out / "modeling_parallel_adapter.py").is_file()
+    apply(setup["base"], setup["delta"], out, setup["psi"]["neutral_residues"], a=0.5)
+    assert "auto_map" in (out / "config.json").read_text() and (out / "modeling_parallel_adapter.py").is_file()
     from safetensors import safe_open
+    trained = load(setup["base"])
+    load_adapters(trained, setup["psi"]["neutral_residues"] / "adapters")
     with safe_open(str(out / "model.safetensors"), "pt") as f:
-        w_o = f.get_tensor("model.layers.0.mlp.adapter.w_o")
-    assert torch.equal(w_o, adapter_blocks(model)[0].adapter.w_o)
-    assert expected.shape == (2, 16, 128)  # loading it back is done in a fresh process: test_readapt_runs
+        for i, block in enumerate(adapter_blocks(trained)):
+            assert torch.equal(f.get_tensor(f"model.layers.{i}.mlp.adapter.w_o"), 0.5 * block.adapter.w_o)
 
 
 def test_psi_trained_on_another_backbone_is_refused(setup):

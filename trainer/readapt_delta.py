@@ -56,10 +56,14 @@ def load_config(path: Path):
 
 
 def check_same_architecture(a, b, a_name: str, b_name: str) -> None:
-    """Raise naming the first ARCH_KEYS field on which HF configs `a` and `b` differ."""
+    """Raise naming the first ARCH_KEYS field on which HF configs `a` and `b` differ.
+
+    A field missing or None on one side is not compared: a model built from a config
+    dict has no `architectures`, one loaded from a directory does.
+    """
     a, b = a.to_dict(), b.to_dict()
     for key in ARCH_KEYS:
-        if key in a and key in b and a[key] != b[key]:
+        if a.get(key) is not None and b.get(key) is not None and a[key] != b[key]:
             raise ReadaptError(f"architecture mismatch: config.json {key} is {a[key]!r} in {a_name} "
                                f"but {b[key]!r} in {b_name}")
 
