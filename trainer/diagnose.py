@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from .config import ADAPTER_METHODS, ConfigError
+from .config import ADAPTER_METHODS, ConfigError, load_config
 
 
 def singular_values(model) -> list[list[float]]:
@@ -132,10 +132,14 @@ def diagnose(run_dir: Path, out_dir: Optional[Path] = None, data: Optional[dict[
     from .data import ValSet
     from .export import load_trained
 
-    cfg, model = load_trained(run_dir, tag)
-    if cfg.method.name not in ADAPTER_METHODS:
-        raise ConfigError(f"{run_dir}: method {cfg.method.name} has no adapter gates to diagnose "
+    cfg_path = Path(run_dir) / "config.yaml"
+    if not cfg_path.is_file():
+        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
+    method = load_config(cfg_path).method.name
+    if method not in ADAPTER_METHODS:  # checked before the (slow) model load
+        raise ConfigError(f"{run_dir}: method {method} has no adapter gates to diagnose "
                           f"(diagnose needs one of {', '.join(ADAPTER_METHODS)})")
+    cfg, model = load_trained(run_dir, tag)
     roles = {s.domain: s.role for s in cfg.data.streams}
     val = data or {s.domain: s.val for s in cfg.data.streams if s.val}
     if not val:
