@@ -21,6 +21,15 @@ def data(tmp_path_factory):
     return two_domain_data(tmp_path_factory.mktemp("data"))
 
 
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, data):
+    """The uninterrupted 12-step reference run (1 rank; 2 ranks give the same losses to ~1e-7)."""
+    root = tmp_path_factory.mktemp("straight")
+    cfg = config(root, data, name="straight", max_steps=12)
+    run(train_cmd(write_config(cfg, root / "a.yaml")))
+    return root / "straight"
+
+
 def config(tmp_path, data, method="neutral_residues", name=None, stage=2, **train):
     cfg = tiny_run_config(tmp_path, data, method, **train)
     cfg["deepspeed"]["config"] = f"ds_configs/zero{stage}.json"
@@ -56,9 +65,7 @@ def test_two_ranks_learn_new_domain_and_keep_backbone(tmp_path, data, stage):
 
 
 @pytest.mark.distributed
-def test_exact_resume_after_sigkill_of_the_launcher(tmp_path, data):
-    straight = config(tmp_path, data, name="straight", max_steps=12)
-    run(train_cmd(write_config(straight, tmp_path / "a.yaml"), nproc=2))
+def test_exact_resume_after_sigkill_of_the_launcher(tmp_path, data, straight):
     cfg = config(tmp_path, data, name="killed", max_steps=12)
     path = write_config(cfg, tmp_path / "b.yaml")
     proc = start(train_cmd(path, nproc=2), tmp_path / "killed.log")
@@ -67,17 +74,15 @@ def test_exact_resume_after_sigkill_of_the_launcher(tmp_path, data):
     proc.wait()
     resumed = run(train_cmd(path, nproc=2))
     assert "resumed from step_" in resumed.stderr
-    # gloo's CPU all-reduce of 2 ranks is deterministic here, so resume is exact up to float noise.
-    assert_same_losses(step_losses(tmp_path / "straight"), step_losses(tmp_path / "killed"), 1e-6)
-    for domain, metrics_ in evals(tmp_path / "straight")[12].items():
+    # Resume is exact; the 1e-6 allows for the order of gloo's 2-rank sums vs the 1-rank reference.
+    assert_same_losses(step_losses(straight), step_losses(tmp_path / "killed"), 1e-6)
+    for domain, metrics_ in evals(straight)[12].items():
         assert evals(tmp_path / "killed")[12][domain]["bpb"] == pytest.approx(metrics_["bpb"], rel=1e-6)
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
-def test_sigterm_checkpoints_exits_75_and_resumes_on_another_world_size(tmp_path, data, before, after):
-    straight = config(tmp_path, data, name="straight", max_steps=12)
-    run(train_cmd(write_config(straight, tmp_path / "a.yaml"), nproc=after))
+def test_sigterm_checkpoints_exits_75_and_resumes_on_another_world_size(tmp_path, data, straight, before, after):
     cfg = config(tmp_path, data, name="stopped", max_steps=12)
     path = write_config(cfg, tmp_path / "b.yaml")
     ranks = Ranks(path, before, tmp_path / "stopped.log")
@@ -88,8 +93,9 @@ def test_sigterm_checkpoints_exits_75_and_resumes_on_another_world_size(tmp_path
     assert stopped_at < 12
     resumed = run(train_cmd(path, nproc=after))
     assert f"(world size {before} -> {after})" in resumed.stderr
-    # Same global batch and canonical nodes: the same samples in the same steps, whatever the ranks.
-    assert_same_losses(step_losses(tmp_path / "straight"), step_losses(tmp_path / "stopped"), 1e-5)
+    # Same global batch and canonical nodes: the same samples in every step, whatever the ranks,
+    # and the l1 is normalised per step, so the losses match the uninterrupted run.
+    assert_same_losses(step_losses(straight), step_losses(tmp_path / "stopped"), 1e-6)
 
 
 def test_checkpoint_holds_only_trainable_state(tmp_path, data):

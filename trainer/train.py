@@ -89,6 +89,8 @@ def check_inputs(cfg: RunConfig) -> None:
 
 def train(cfg: RunConfig) -> dict:
     """Run (or resume) training; returns the final per-domain eval metrics."""
+    # Handlers first: a preemption signal during the (long) start-up must still end in a checkpoint.
+    stop = StopFlag()
     check_inputs(cfg)
     world = dist.init_distributed()
     setup_logging(world.rank)
@@ -153,7 +155,6 @@ def train(cfg: RunConfig) -> dict:
         logger.write({"params": counts, "world_size": world.world_size, "zero_stage": stage}, step)
     if load_s is not None:
         logger.write({"resumed_from": resume_tag, "world_size": world.world_size, "load_s": round(load_s, 3)}, step)
-    stop = StopFlag()
     accum = ds_config["gradient_accumulation_steps"]
     domains = [s.domain for s in cfg.data.streams]
 
