@@ -169,6 +169,28 @@ def test_export_refuses_bad_input(runs, tmp_path, capsys):
     assert export.main([str(runs["runs"]["finetune"]), "--out", str(tmp_path / "o"), "--only", "adapters"]) == 2
 
 
+@pytest.mark.slow
+def test_eval_runs_our_own_gated_export_but_not_edited_remote_code(exported, runs, tmp_path, capsys):
+    import shutil
+
+    from trainer import evaluate
+    from trainer.report import final_eval
+
+    src = exported["neutral_residues"]["dir"]
+    data = [f"{d}={p['val']}" for d, p in runs["data"].items()]
+    assert evaluate.main([str(src), "--data", *data, "--out", str(tmp_path / "e.json")]) == 0
+    logged = final_eval(runs["runs"]["neutral_residues"])  # what training measured on the same val sets
+    for d, m in final_eval(tmp_path / "e.json").items():
+        assert m["bpb"] == pytest.approx(logged[d]["bpb"], rel=1e-5)
+    capsys.readouterr()
+    edited = tmp_path / "edited"
+    shutil.copytree(src, edited)
+    with open(edited / "modeling_parallel_adapter.py", "a") as f:
+        f.write("print('not what export wrote')\n")
+    assert evaluate.main([str(edited), "--data", *data]) == 2
+    assert "--trust-remote-code" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- lm-evaluation-harness
 
 LM_EVAL_TASK = """\

@@ -9,8 +9,8 @@ import torch
 
 from tiny_models import VOCAB, tiny_model
 from trained_runs import char_tokenizer
-from trainer.mc import (TaskError, build_requests, choose, encode_pair, evaluate_task, fewshot_prompt, load_items,
-                        metrics, score_requests)
+from trainer.mc import (TaskError, build_requests, choose, encode_pair, evaluate_task, fewshot_pool, fewshot_prompt,
+                        load_items, metrics, score_requests)
 
 TOK = char_tokenizer()
 
@@ -90,6 +90,8 @@ def test_fewshot_prompts_are_deterministic_and_never_contain_the_scored_item(tmp
     assert fewshot_prompt(items, 2, 1, pool=pool) == "P y\n\nq2"
     with pytest.raises(TaskError, match="only 5 examples"):
         fewshot_prompt(items, 0, 6)
+    assert fewshot_pool(tmp_path / "t.jsonl", tmp_path / "." / "t.jsonl") is None  # own file: scored item excluded
+    assert fewshot_pool(tmp_path / "t.jsonl", tmp_path / "pool.jsonl")[0].context == "P"
 
 
 @pytest.mark.parametrize("line,message", [

@@ -3,7 +3,8 @@
 The model is any of what a user has at hand:
   - a run directory (config.yaml + checkpoints/): its latest (or --tag) checkpoint,
     rebuilt exactly as `export` does; without --data it evaluates the run's val sets;
-  - an exported HF directory (remote-code adapter exports need --trust-remote-code);
+  - an exported HF directory (our own gated-adapter exports load as they are; other
+    models that ship modeling code need --trust-remote-code);
   - the bare backbone (an HF directory), to get the reference numbers `report --backbone` reads.
 
 Perplexity reuses the trainer's own code (data.ValSet, perplexity.eval_domain), so
@@ -83,8 +84,12 @@ def load_model(source: Path, dtype: torch.dtype, tag: Optional[str] = None, trus
         return model, {"kind": "run", "tokenizer": tok, "val": val, "method": cfg.method.name}
     config = json.loads((source / "config.json").read_text())
     if "auto_map" in config and not trust_remote_code:
-        raise EvalError(f"{source}: the model ships its own modeling code (auto_map in config.json); "
-                        "pass --trust-remote-code to load it")
+        from .hf_export import is_own_export
+
+        if not is_own_export(source):
+            raise EvalError(f"{source}: the model ships its own modeling code (auto_map in config.json); "
+                            "pass --trust-remote-code to load it")
+        trust_remote_code = True  # byte-equal to the code `trainer export` writes: nothing foreign runs
     from transformers import AutoModelForCausalLM
 
     try:

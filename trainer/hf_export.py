@@ -111,14 +111,46 @@ class ParallelAdapterForCausalLM(_BaseForCausalLM):
 '''
 
 
+MODEL_TYPE_PREFIX = "parallel_adapter_"
+AUTO_MAP = {"AutoConfig": f"{MODELING_FILE[:-3]}.ParallelAdapterConfig",
+            "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.ParallelAdapterForCausalLM"}
+
+
 def modeling_source(model: nn.Module) -> str:
     """The modeling file's text for this backbone class."""
-    return _MODELING_TEMPLATE.format(base_model=type(model).__name__, base_config=type(model.config).__name__,
-                                     model_type=remote_model_type(model), config_key=CONFIG_KEY)
+    return _source(type(model).__name__, type(model.config).__name__, model.config.model_type)
+
+
+def _source(base_model: str, base_config: str, base_type: str) -> str:
+    return _MODELING_TEMPLATE.format(base_model=base_model, base_config=base_config,
+                                     model_type=MODEL_TYPE_PREFIX + base_type, config_key=CONFIG_KEY)
 
 
 def remote_model_type(model: nn.Module) -> str:
-    return f"parallel_adapter_{model.config.model_type}"
+    return MODEL_TYPE_PREFIX + model.config.model_type
+
+
+def is_own_export(hf_dir: str | Path) -> bool:
+    """True if the dir's remote code is exactly what this exporter writes (so it is safe to run).
+
+    `eval` uses it to load our own gated exports without --trust-remote-code: the
+    auto_map must point only at our classes and the modeling file must be byte-equal
+    to the one regenerated from the template for the recorded backbone type.
+    """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    hf_dir = Path(hf_dir)
+    try:
+        cfg = json.loads((hf_dir / "config.json").read_text())
+        code = (hf_dir / MODELING_FILE).read_text()
+    except (OSError, ValueError):
+        return False
+    model_type = str(cfg.get("model_type", ""))
+    base = model_type[len(MODEL_TYPE_PREFIX):] if model_type.startswith(MODEL_TYPE_PREFIX) else None
+    if cfg.get("auto_map") != AUTO_MAP or base not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return False
+    return code == _source(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[base], CONFIG_MAPPING_NAMES[base], base)
 
 
 def _plain_config(model: nn.Module) -> None:
@@ -153,8 +185,7 @@ def save_with_remote_code(model: nn.Module, method: MethodConfig, out: str | Pat
     cfg.update({
         "model_type": remote_model_type(model),
         "architectures": ["ParallelAdapterForCausalLM"],
-        "auto_map": {"AutoConfig": f"{MODELING_FILE[:-3]}.ParallelAdapterConfig",
-                     "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.ParallelAdapterForCausalLM"},
+        "auto_map": dict(AUTO_MAP),
         CONFIG_KEY: {"adapter_size": ext.adapter_hidden_size, "gate": method.gate, "method": method.name},
     })
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

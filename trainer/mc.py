@@ -216,12 +216,23 @@ def metrics(items: list[Item], requests: list[Request], loglik: torch.Tensor) ->
     return {"acc": hits / len(items), "acc_norm": hits_norm / len(items), "n": len(items)}
 
 
+def fewshot_pool(path: str | Path, fewshot_file: Optional[str | Path]) -> Optional[list[Item]]:
+    """Items to draw examples from, or None for "the task file itself, minus the scored item".
+
+    The task file given again as its own --fewshot-file is the second case: otherwise
+    an item could be shown solved right before it is asked.
+    """
+    if fewshot_file is None or Path(fewshot_file).resolve() == Path(path).resolve():
+        return None
+    return load_items(fewshot_file)
+
+
 def evaluate_task(forward, tokenizer, path: str | Path, device, fewshot: int = 0,
                   fewshot_file: Optional[str | Path] = None, seed: int = 0, batch_size: int = 8,
                   max_length: int = 2048) -> dict:
     """acc, acc_norm and n for one task file (call on every rank)."""
     items = load_items(path)
-    pool = load_items(fewshot_file) if fewshot_file else None
+    pool = fewshot_pool(path, fewshot_file)
     requests = build_requests(items, tokenizer, fewshot, pool, seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     loglik = score_requests(forward, requests, batch_size, device, max_length, pad)
