@@ -25,9 +25,12 @@ def write_config(cfg: dict, path: Path) -> Path:
     return path
 
 
-def train_cmd(config: Path, nproc: int = 1, overrides=()) -> list[str]:
+def train_cmd(config: Path, nproc: int = 1, overrides=(), launcher: str = "torchrun") -> list[str]:
     if nproc == 1:
         return [sys.executable, "-m", "trainer", "train", str(config), *overrides]
+    if launcher == "deepspeed":
+        return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port",
+                str(free_port()), "--module", "trainer", "train", str(config), *overrides]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
             "--master_port", str(free_port()), "-m", "trainer", "train", str(config), *overrides]
 

@@ -45,12 +45,12 @@ def assert_same_losses(a: dict, b: dict, tol: float):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_ranks_learn_new_domain_and_keep_backbone(tmp_path, data, stage):
+@pytest.mark.parametrize("stage,launcher", [(2, "deepspeed"), (3, "torchrun")])
+def test_two_ranks_learn_new_domain_and_keep_backbone(tmp_path, data, stage, launcher):
     cfg = config(tmp_path, data, stage=stage, max_steps=24, lr=1e-2)
     cfg["log"]["frozen_checksum"] = True
     cfg["eval"]["every"] = 12
-    run(train_cmd(write_config(cfg, tmp_path / "run.yaml"), nproc=2))
+    run(train_cmd(write_config(cfg, tmp_path / "run.yaml"), nproc=2, launcher=launcher))
     run_dir = tmp_path / "run_neutral_residues"
     ev = evals(run_dir)
     assert sorted(ev) == [0, 12, 24]
