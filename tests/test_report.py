@@ -57,6 +57,7 @@ def test_backbone_from_an_eval_json_overrides_the_step0_eval(tmp_path):
     (lambda r: fake_run(r, "x", evals=[]), "no eval record"),
     (lambda r: r / "missing", "not a run directory"),
     (lambda r: fake_run(r, "x", evals=[(3, {"en": 1.0})]), "no `code` domain"),
+    (lambda r: (fake_run(r, "x") / "config.yaml").write_text("method: {}\n") and r / "x", "not a resolved run config"),
 ])
 def test_bad_runs_are_one_line_errors(tmp_path, capsys, setup, message):
     ok = fake_run(tmp_path, "ok", evals=[(5, {"en": 1.0, "code": 1.0})])

@@ -162,8 +162,8 @@ def format_table(result: dict) -> str:
     head = "layer " + " ".join(f"{d + ' g>0':>12} {d + ' |gA|':>12}" for d in doms) + f" {'sv>0.1':>7}"
     lines = [head]
     for i, sv in enumerate(result["singular_values"]):
-        cells = " ".join(f"{result['layers'][d]['gate_active'][i]:>12.3f} {result['layers'][d]['residual_abs'][i]:>12.3g}"
-                         for d in doms)
+        stats = [result["layers"][d] for d in doms]
+        cells = " ".join(f"{s['gate_active'][i]:>12.3f} {s['residual_abs'][i]:>12.3g}" for s in stats)
         lines.append(f"{i:>5} {cells} {sum(s > 0.1 for s in sv):>7d}")
     return "\n".join(lines + ["", neutrality_line(result["neutrality"])])
 

@@ -78,17 +78,20 @@ def run_row(run_dir: Path) -> dict:
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         raise ReportError(f"{run_dir}: not a run directory (no config.yaml)")
-    cfg = yaml.safe_load(cfg_path.read_text())
-    roles = {s["domain"]: s["role"] for s in cfg["data"]["streams"]}
-    method = cfg["method"]
+    try:
+        cfg = yaml.safe_load(cfg_path.read_text())
+        roles = {s["domain"]: s["role"] for s in cfg["data"]["streams"]}
+        method, lr, p = cfg["method"], cfg["train"]["lr"], cfg["data"]["p"]
+    except (yaml.YAMLError, KeyError, TypeError) as e:
+        raise ReportError(f"{cfg_path}: not a resolved run config ({type(e).__name__}: {e})") from None
     name = method["name"]
-    lr = cfg["train"]["lr"] or (2e-4 if name == "finetune" else 5e-5)  # RunConfig.lr's defaults
+    lr = lr or (2e-4 if name == "finetune" else 5e-5)  # RunConfig.lr's defaults
     records = _records(run_dir)
     step = max((r.get("step", 0) for r in records if "eval" in r), default=None)
     alpha = None
     if name == "neutral_residues" or (name == "sigmoid_gate" and method.get("l1_with_sigmoid")):
         alpha = method["alpha"]
-    return {"run": run_dir.name, "path": str(run_dir), "method": name, "lr": lr, "p": cfg["data"]["p"],
+    return {"run": run_dir.name, "path": str(run_dir), "method": name, "lr": lr, "p": p,
             "alpha": alpha, "extra_params": method["extra_params"] if name != "finetune" else None,
             "step": step, "roles": roles, "eval": final_eval(run_dir)}
 
@@ -185,7 +188,8 @@ def plot(rep: dict, out: Path) -> Path:
         ax.axhline(y, color="black", lw=0.6, ls=":", zorder=1)  # no forgetting at all
     ax.set_xlabel(f"{new} bits per byte (learning: lower is better)")
     ax.set_ylabel(f"{orig} bits per byte (forgetting: lower is better)")
-    ax.set_title("Learning vs forgetting" + (f" ({len(rep['new'])} new domains, first shown)" if len(rep["new"]) > 1 else ""))
+    several = f" ({len(rep['new'])} new domains, first shown)" if len(rep["new"]) > 1 else ""
+    ax.set_title("Learning vs forgetting" + several)
     ax.grid(alpha=0.3)
     ax.margins(0.15)
     fig.tight_layout()
@@ -221,7 +225,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         res = write_report(args.runs, args.out, args.backbone, args.title)
-    except (ReportError, KeyError, yaml.YAMLError) as e:
+    except ReportError as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     print(res["table"])
