@@ -1,0 +1,228 @@
+"""trainer bench: the counting and bookkeeping behind its ratios, and a tiny end-to-end smoke run.
+
+The fast tests pin what a wrong benchmark would get wrong silently: the analytic
+FLOPs (checked against a real model's parameter count and the issue's formula),
+the window arithmetic, the split of an appended metrics.jsonl at a resume, the
+frozen-weights check of a checkpoint, the targets' verdicts and the CLI's
+refusals. The slow test runs `python -m trainer bench --size tiny` and checks
+that every figure came out (not how fast anything was).
+"""
+import json
+import math
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from launch import ROOT, env
+from trainer import bench
+from trainer.bench_flops import ModelShape, expected_speedup, flops_per_token, peak_matmul_flops
+from trainer.bench_plan import METHODS, SIZES, throughput_jobs, zero_jobs
+from trainer.bench_profile import category, summarize
+from trainer.bench_report import markdown, missing_figures, targets
+from trainer.bench_runs import checkpoint_contents, segments, summarize_segment, window_rates
+from trainer.config import load_config
+
+TINY = SIZES["tiny"]
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+@pytest.mark.parametrize("size", ["tiny", "small"])
+def test_matmul_params_equal_the_models_linear_weights(size):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(SIZES[size].model)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(spec.pop("model_type"), **spec))
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    shape = ModelShape.from_hf(SIZES[size].model)
+    assert shape.matmul_params == linear
+    assert shape.head_params == model.lm_head.weight.numel()
+
+
+def test_flops_follow_the_issue_formula():
+    shape = ModelShape.from_hf(TINY.model)
+    n, nl, a = shape.matmul_params, shape.layer_matmul_params, shape.attention_flops(TINY.seq_len)
+    na = 1234
+    assert flops_per_token(shape, TINY.seq_len, "finetune", na, False) == 6 * n + 3 * a  # adapters ignored
+    assert flops_per_token(shape, TINY.seq_len, "neutral_residues", na, False) == 4 * n + 3 * a + 6 * na
+    assert flops_per_token(shape, TINY.seq_len, "lora", na, True) == 4 * n + 3 * a + 6 * na + 2 * nl + a + 2 * na
+    assert flops_per_token(shape, TINY.seq_len, "finetune", 0, True) == 6 * n + 3 * a + 2 * nl + a
+    # The issue's expectation: 6N / (4N + 1.2N) when attention is negligible (T -> 0).
+    assert expected_speedup(shape, 0, round(0.2 * n), False) == pytest.approx(6 / 5.2, rel=1e-3)
+
+
+def test_peak_matmul_is_a_rate_in_the_training_dtype():
+    r = peak_matmul_flops("cpu", 128, reps=2)
+    assert r["dtype"] == "float32" and r["n"] == 128
+    assert 1e6 < r["flops_per_s"] < 1e14
+
+
+# ----------------------------------------------------------------------------- metrics bookkeeping
+
+
+def test_window_rate_is_tokens_over_time_not_mean_of_rates():
+    # Two steps of equal tokens at 100 and 50 tokens/s take 1/100 + 1/50 s per token: 66.7 tokens/s.
+    assert window_rates([100.0, 50.0], 2) == [pytest.approx(200 / 3)]
+    assert window_rates([10.0, 10.0, 20.0, 20.0, 99.0], 2) == [pytest.approx(10.0), pytest.approx(20.0)]
+    assert window_rates([5.0], 2) == []
+
+
+def _step(i, tps, mem=1.0):
+    return {"step": i, "tokens_per_s": tps, "peak_mem_gb": mem, "loss": 5.0}
+
+
+def test_resumed_run_is_its_own_segment_with_load_time():
+    off = [{"step": 0, "params": {"backbone": 100, "trainable": 20, "fraction": 0.2}}] + \
+          [_step(i, 1.0 if i == 1 else 10.0) for i in (1, 2, 3)] + \
+          [{"step": 3, "checkpoint": "step_00000003", "save_s": 0.5, "bytes": 999}]
+    on = [{"step": 3, "resumed_from": "step_00000003", "world_size": 1, "load_s": 0.25}] + \
+         [_step(i, 1.0 if i == 4 else 5.0, mem=2.0) for i in (4, 5, 6)]
+    segs = segments(off + on)
+    assert len(segs) == 2
+    a = summarize_segment(segs[0], warmup=1, window=2)
+    assert a["tokens_per_s"] == pytest.approx(10.0)  # the slow first step is warm-up, not timed
+    assert a["params"]["trainable"] == 20 and a["checkpoint"]["bytes"] == 999 and "load_s" not in a
+    b = summarize_segment(segs[1], warmup=1, window=2)
+    assert b["tokens_per_s"] == pytest.approx(5.0) and b["load_s"] == 0.25 and b["peak_mem_gb"] == 2.0
+
+
+def test_too_few_steps_is_an_error_not_a_zero():
+    with pytest.raises(RuntimeError, match="need 2 warm-up"):
+        summarize_segment([_step(1, 1.0), _step(2, 1.0)], warmup=2, window=1)
+
+
+def test_checkpoint_contents_count_frozen_weights(tmp_path):
+    torch.save({"module": {"adapter.w": torch.zeros(20), "backbone.w": torch.zeros(30)}},
+               tmp_path / "mp_rank_00_model_states.pt")
+    (tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x" * 100)
+    c = checkpoint_contents(tmp_path, trainable=20)
+    assert c["module_params_saved"] == 50 and c["frozen_params_saved"] == 30
+    assert c["trainable_state_bytes"] == 240
+    assert c["bytes"] == sum(c["files"].values()) and c["ratio_to_trainable_state"] == c["bytes"] / 240
+
+
+# ----------------------------------------------------------------------------- plan, targets, report
+
+
+def test_throughput_jobs_share_the_work_and_on_resumes_off(tmp_path):
+    data = {d: {"train": str(tmp_path / d), "val": str(tmp_path / d)} for d in ("en", "code")}
+    pairs = throughput_jobs(TINY, data, tmp_path)
+    assert [off.config["method"]["name"] for off, _ in pairs] == list(METHODS)
+    for off, on in pairs:
+        assert on.run_dir == off.run_dir  # `on` resumes `off`: load time + second figure from one launch
+        a, b = off.config, on.config
+        assert (a["train"]["activation_checkpointing"], b["train"]["activation_checkpointing"]) == (False, True)
+        assert b["train"]["max_steps"] == 2 * a["train"]["max_steps"] == 2 * TINY.steps
+        for key in ("model", "data", "deepspeed", "log", "eval"):
+            assert a[key] == b[key] == pairs[0][0].config[key]
+    stages = [j.config["deepspeed"]["config"] for j in zero_jobs(TINY, data, tmp_path)]
+    assert stages == ["ds_configs/zero2.json", "ds_configs/zero3.json"]
+
+
+def _result(nr_ratio):
+    res = {"meta": {"size": "tiny", "device": "cpu", "threads": 2}, "train": {}, "checkpoint": {},
+           "peer": {"ratio": 1.3, "hf": {"tokens_per_s": 10.0}}, "data": {"ratio": 0.5}, "loader": {"ratio": 40.0}}
+    for m in METHODS:
+        res["train"][m] = {ck: {"tokens_per_s": 100.0, "ratio_vs_finetune": nr_ratio if m == "neutral_residues"
+                                else 1.0, "mfu": 0.1} for ck in ("off", "on")}
+        res["checkpoint"][m] = {"ratio_to_trainable_state": 1.33, "frozen_params_saved": 0}
+    return res
+
+
+def test_targets_say_met_and_missed():
+    rows = {t["name"]: t for t in targets(_result(1.2))}
+    assert rows["neutral_residues / finetune tokens/s (checkpointing off)"]["met"] is True
+    assert rows["our lora / HF Trainer+PEFT tokens/s"]["met"] is True
+    assert rows["checkpoint bytes / trainable state (neutral_residues)"]["met"] is False
+    assert rows["frozen params in adapter/LoRA checkpoints"]["met"] is True
+    assert rows["data_prep / raw tokenizer tokens/s per worker"]["met"] is False
+    assert rows["loader samples/s / training consumption"]["met"] is True
+    slow = {t["name"]: t for t in targets(_result(1.1))}
+    assert slow["neutral_residues / finetune tokens/s (checkpointing off)"]["met"] is False
+    empty = targets({})
+    assert all(t["met"] is None for t in empty)
+
+
+def test_markdown_shows_every_target_and_missed_ones_stand_out():
+    res = _result(1.1)
+    res["targets"] = targets(res)
+    text = markdown(res)
+    for t in res["targets"]:
+        assert t["name"] in text
+    assert text.count("**missed**") == sum(t["met"] is False for t in res["targets"]) == 4
+
+
+def test_missing_figures_names_what_is_absent():
+    missing = missing_figures({})
+    assert "train.finetune.on.tokens_per_s" in missing and "zero.3.rss_peak_gb.1" in missing
+    res = {"train": {"finetune": {"on": {"tokens_per_s": 12.0}}}, "zero": {"3": {"skipped": "needs 2 GPUs"}}}
+    missing = missing_figures(res)
+    assert "train.finetune.on.tokens_per_s" not in missing and not any(p.startswith("zero.3") for p in missing)
+    res["train"]["finetune"]["on"]["mfu"] = float("nan")
+    assert "train.finetune.on.mfu" in missing_figures(res)
+
+
+def test_profile_groups_ops_by_what_they_are():
+    assert [category(n) for n in ("aten::mm", "aten::addmm", "aten::_foreach_mul_", "aten::mul",
+                                  "aten::_scaled_dot_product_flash_attention_for_cpu", "Optimizer.step#AdamW.step",
+                                  "aten::nll_loss_backward", "gloo:all_reduce", "aten::copy_", "cpu_op")] == \
+        ["matmul", "matmul", "optimizer", "elementwise", "attention", "optimizer", "loss", "communication",
+         "copy/layout", "other"]
+
+    class Ev:
+        def __init__(self, key, us, count=1):
+            self.key, self.self_cpu_time_total, self.count = key, us, count
+
+    s = summarize([Ev("aten::mul", 1000), Ev("aten::mm", 3000, 4), Ev("aten::addmm", 1000)], top=2, wall_s=0.01)
+    assert [o["op"] for o in s["top_ops"]] == ["aten::mm", "aten::mul"]
+    assert s["categories"]["matmul"]["self_ms"] == pytest.approx(4.0)
+    assert s["categories"]["matmul"]["share_of_wall"] == pytest.approx(0.4)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_1b_on_cpu_builds_its_configs_then_refuses_in_one_line(tmp_path, capsys):
+    assert bench.main(["--size", "1b", "--device", "cpu", "--work", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --size 1b needs --device cuda") and "\n" not in err
+    configs = sorted(p.name for p in (tmp_path / "configs").iterdir())
+    assert len(configs) == 2 * len(METHODS) + 2
+    cfg = load_config(tmp_path / "configs" / "finetune_off.yaml")
+    assert cfg.model.config["hidden_size"] == 2048 and cfg.train.micro_batch_size == SIZES["1b"].micro_batch
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_without_a_gpu_refuses(tmp_path, capsys):
+    assert bench.main(["--size", "tiny", "--device", "cuda", "--work", str(tmp_path)]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_plan_prints_every_launch(tmp_path, capsys):
+    assert bench.main(["--size", "small", "--plan", "--work", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 * len(METHODS) + 2
+    assert sum(line.startswith("torchrun --nproc_per_node 2") for line in lines) == 2
+
+
+# ----------------------------------------------------------------------------- smoke
+
+
+@pytest.mark.slow
+def test_tiny_bench_produces_every_figure(tmp_path):
+    out = tmp_path / "bench.json"
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-m", "trainer", "bench", "--size", "tiny", "--out", str(out),
+                        "--work", str(tmp_path / "work")], cwd=ROOT, env=env(), capture_output=True, text=True,
+                       timeout=1200)
+    assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
+    res = json.loads(out.read_text())
+    assert res["errors"] == {} and res["missing"] == [], (res["errors"], res["missing"])
+    assert all(t["value"] is not None for t in res["targets"]), res["targets"]
+    assert "### Targets" in p.stdout and "### Data path" in p.stdout
+    assert all(math.isfinite(res["train"][m][ck]["mfu"]) for m in METHODS for ck in ("off", "on"))
+    print(f"tiny bench: {time.time() - t0:.0f}s")

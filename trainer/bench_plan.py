@@ -1,0 +1,151 @@
+"""What `trainer bench` runs: the size presets and the run configs built from them.
+
+Every training measurement goes through `python -m trainer train CONFIG.yaml`,
+so a bench job is just a RunConfig dict plus a launcher. All jobs of one size
+share the backbone, sequence length, micro/global batch and step count; only
+the method, activation checkpointing or ZeRO stage change, which is what makes
+the ratios between them mean something.
+
+Steps: `warmup` steps are discarded (allocator, lazy init, first loader fetch),
+then `timed` steps are split into windows of `window` steps whose medians are
+reported. The checkpointing-on run of each method resumes the checkpointing-off
+run's final checkpoint (same method and backbone, so the trainer accepts it):
+one process launch buys both the checkpoint load time and the second
+throughput figure.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+METHODS = ("neutral_residues", "adapters", "lora", "finetune")
+
+
+@dataclass(frozen=True)
+class BenchSize:
+    name: str
+    model: dict
+    """HF config of the backbone (random init: no download, same on every machine)."""
+    seq_len: int
+    micro_batch: int
+    global_batch: int
+    warmup: int
+    """Steps discarded before timing, after each process start."""
+    timed: int
+    """Timed steps per run (a multiple of `window`)."""
+    window: int
+    """Steps per timed window; the reported tokens/s is the median over windows."""
+    zero_timed: int
+    """Timed steps of the 2-rank ZeRO-2/3 runs (memory is their point, not speed)."""
+    matmul_n: int
+    """Side of the square matmul that measures the device's peak FLOP/s."""
+    corpus_files: Optional[int]
+    """Standard-library files in the data-path corpus (None: all)."""
+    tokenizer_vocab: int
+    peer_deepspeed: bool = True
+    """Also time HF Trainer + PEFT + DeepSpeed (one more launch; off in the CI smoke size)."""
+    gpu_only: bool = False
+    timeout_s: int = 3600
+
+    @property
+    def steps(self) -> int:
+        return self.warmup + self.timed
+
+
+def _llama(hidden: int, ffn: int, layers: int, heads: int, kv_heads: int, vocab: int, seq: int, **kw) -> dict:
+    return {"model_type": "llama", "hidden_size": hidden, "intermediate_size": ffn, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": vocab,
+            "max_position_embeddings": seq, **kw}
+
+
+SIZES = {
+    # CI smoke: every figure is produced, none is meaningful.
+    "tiny": BenchSize("tiny", _llama(64, 172, 2, 4, 2, 256, 64), seq_len=64, micro_batch=2, global_batch=4,
+                      warmup=1, timed=4, window=2, zero_timed=2, matmul_n=512, corpus_files=20,
+                      tokenizer_vocab=512, peer_deepspeed=False, timeout_s=900),
+    # A realistic CPU measurement (~10-15 min on 2 idle cores). The vocabulary keeps the LM head at
+    # ~1/4 of the matmul parameters, about its share in a 1B Llama.
+    "small": BenchSize("small", _llama(256, 688, 4, 4, 4, 4096, 256), seq_len=256, micro_batch=4, global_batch=8,
+                       warmup=2, timed=9, window=3, zero_timed=3, matmul_n=2048, corpus_files=200,
+                       tokenizer_vocab=4096),
+    # Llama-3.2-1B's shape; only meaningful on GPUs.
+    "1b": BenchSize("1b", _llama(2048, 8192, 16, 32, 8, 128256, 2048, tie_word_embeddings=True), seq_len=2048,
+                    micro_batch=4, global_batch=16, warmup=3, timed=20, window=5, zero_timed=5, matmul_n=8192,
+                    corpus_files=None, tokenizer_vocab=32000, gpu_only=True, timeout_s=4 * 3600),
+}
+
+
+class PlanError(ValueError):
+    """This size cannot run on this device; the message is one printable line."""
+
+
+def check_device(size: BenchSize, device: str, cuda_available: bool, cuda_count: int) -> None:
+    if device == "cuda" and not cuda_available:
+        raise PlanError("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False)")
+    if size.gpu_only and device != "cuda":
+        raise PlanError(f"--size {size.name} needs --device cuda: a {size.name} backbone trains at a few tokens/s "
+                        f"on CPU, so its ratios would take hours and mean nothing (use --size small on CPU)")
+    del cuda_count  # the 2-rank ZeRO runs check it themselves and are skipped with a reason
+
+
+@dataclass
+class TrainJob:
+    """One `python -m trainer train` launch."""
+    name: str
+    config: dict
+    nproc: int = 1
+    overrides: tuple = ()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config["run_dir"])
+
+
+def base_config(size: BenchSize, data: dict, run_dir: Path, method: str, max_steps: int) -> dict:
+    """RunConfig dict shared by every job of a size; `data` maps domain -> {train, val} MDS dirs."""
+    return {
+        "run_dir": str(run_dir),
+        "model": {"config": copy.deepcopy(size.model)},
+        "method": {"name": method},
+        "data": {"p": 0.1, "streams": [
+            {"domain": "en", "role": "original", **data["en"]},
+            {"domain": "code", "role": "new", **data["code"]}]},
+        "train": {"max_steps": max_steps, "global_batch_size": size.global_batch,
+                  "micro_batch_size": size.micro_batch, "activation_checkpointing": False},
+        "deepspeed": {"config": "ds_configs/zero2.json"},
+        # every=0: no periodic save, only the final one (whose time and size are measured).
+        "checkpoint": {"every": 0, "keep_last": 1},
+        "log": {"every": 1, "progress": False, "tensorboard": False},
+        "eval": {"at_start": False, "max_batches": 1},
+    }
+
+
+def throughput_jobs(size: BenchSize, data: dict, root: Path) -> list[tuple[TrainJob, TrainJob]]:
+    """Per method: (checkpointing off, checkpointing on resuming the former's run dir)."""
+    pairs = []
+    for method in METHODS:
+        run_dir = root / "runs" / method
+        off = TrainJob(f"{method}/off", base_config(size, data, run_dir, method, size.steps))
+        on_cfg = base_config(size, data, run_dir, method, 2 * size.steps)
+        on_cfg["train"]["activation_checkpointing"] = True
+        pairs.append((off, TrainJob(f"{method}/on", on_cfg)))
+    return pairs
+
+
+def zero_jobs(size: BenchSize, data: dict, root: Path) -> list[TrainJob]:
+    """neutral_residues at 2 ranks under ZeRO-2 and ZeRO-3: per-rank peak memory, save time, size."""
+    jobs = []
+    for stage in (2, 3):
+        cfg = base_config(size, data, root / "runs" / f"zero{stage}", "neutral_residues",
+                          size.warmup + size.zero_timed)
+        cfg["deepspeed"]["config"] = f"ds_configs/zero{stage}.json"
+        jobs.append(TrainJob(f"zero{stage}", cfg, nproc=2))
+    return jobs
+
+
+def profile_jobs(size: BenchSize, data: dict, root: Path) -> list[TrainJob]:
+    """The two ends of the target ratio, profiled: neutral_residues and finetune, no checkpointing."""
+    return [TrainJob(f"profile/{m}", base_config(size, data, root / "runs" / f"profile_{m}", m, size.steps))
+            for m in ("neutral_residues", "finetune")]
