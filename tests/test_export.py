@@ -155,6 +155,21 @@ def test_adapters_only_file_round_trip_and_exact_keys(exported, runs, method):
 
 
 @pytest.mark.slow
+def test_hf_dir_in_bfloat16_is_half_the_size_and_close(exported, runs, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from trainer import export
+
+    assert export.main([str(runs["runs"]["lora"]), "--out", str(tmp_path), "--only", "hf", "--dtype", "bfloat16"]) == 0
+    assert not (tmp_path / "adapters").exists()
+    weights = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    torch.testing.assert_close(logits(model), exported["lora"]["ref"], atol=0.1, rtol=0.05)
+
+
+@pytest.mark.slow
 def test_export_refuses_bad_input(runs, tmp_path, capsys):
     from trainer import export
 

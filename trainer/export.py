@@ -9,6 +9,7 @@ itself, which is why checkpoints never need to store them.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -57,12 +58,28 @@ def load_trained(run_dir: Path, tag: Optional[str] = None, dtype: torch.dtype = 
     return cfg, model
 
 
-def export_full(cfg: RunConfig, model, out: Path) -> Path:
-    """A directory that `AutoModelForCausalLM.from_pretrained` loads without this repo."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def backbone_dtype(cfg: RunConfig) -> torch.dtype:
+    """The dtype the backbone was published in (its config.json), float32 for a config-built one."""
+    config = Path(cfg.model.path or "") / "config.json"
+    if cfg.model.path and config.is_file():
+        spec = json.loads(config.read_text())
+        return DTYPES.get(str(spec.get("dtype") or spec.get("torch_dtype")), torch.float32)
+    return torch.float32
+
+
+def export_full(cfg: RunConfig, model, out: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """A directory that `AutoModelForCausalLM.from_pretrained` loads without this repo.
+
+    Merges happen in float32 (the model as loaded), then the weights are cast to `dtype`.
+    """
     out.mkdir(parents=True, exist_ok=True)
     if cfg.method.name == "lora":
         from .hf_export import merge_lora
         merge_lora(model)
+    model.to(dtype)
     if cfg.method.name in ("lora", "finetune"):
         model.save_pretrained(out, safe_serialization=True)
         return out
@@ -84,8 +101,12 @@ def copy_tokenizer(src: str, out: Path, required: bool) -> bool:
 
 
 def export(run_dir: Path, out: Path, tag: Optional[str] = None, tokenizer: Optional[str] = None,
-           only: Optional[str] = None) -> dict:
-    """Write OUT/adapters (not for finetune) and OUT/hf; `only` = "adapters" | "hf" skips the other."""
+           only: Optional[str] = None, dtype: Optional[str] = None) -> dict:
+    """Write OUT/adapters (not for finetune) and OUT/hf; `only` = "adapters" | "hf" skips the other.
+
+    The adapters file keeps the fp32 master weights (it is small); the HF dir is cast to
+    `dtype` (default: the backbone's own, so an 8B bf16 model does not come out as 32 GB).
+    """
     from .adapters_io import save_adapters
 
     out = Path(out)
@@ -97,7 +118,7 @@ def export(run_dir: Path, out: Path, tag: Optional[str] = None, tokenizer: Optio
         save_adapters(model, cfg.method, out / "adapters", base_model=cfg.model.path or "config")
         written["adapters"] = out / "adapters"
     if only in (None, "hf"):
-        written["hf"] = export_full(cfg, model, out / "hf")
+        written["hf"] = export_full(cfg, model, out / "hf", DTYPES[dtype] if dtype else backbone_dtype(cfg))
         tok = tokenizer or cfg.model.path
         if tok and Path(tok).exists():
             copy_tokenizer(tok, out / "hf", required=tokenizer is not None)
@@ -113,9 +134,10 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", help="checkpoint tag (default: latest)")
     ap.add_argument("--tokenizer", help="tokenizer dir to copy into OUT/hf (default: the backbone's, if it has one)")
     ap.add_argument("--only", choices=("adapters", "hf"), help="write only the adapters-only files or the HF dir")
+    ap.add_argument("--dtype", choices=tuple(DTYPES), help="dtype of the HF dir (default: the backbone's)")
     args = ap.parse_args(argv)
     try:
-        written = export(args.run_dir, args.out, args.tag, args.tokenizer, args.only)
+        written = export(args.run_dir, args.out, args.tag, args.tokenizer, args.only, args.dtype)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
