@@ -20,6 +20,7 @@ markdown). This file orders the measurements and derives the ratios.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -29,10 +30,11 @@ import sys
 import tempfile
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-from .bench_plan import METHODS, SIZES, BenchSize, PlanError, TrainJob, check_device, profile_jobs, throughput_jobs, \
+from .bench_plan import SIZES, BenchSize, PlanError, TrainJob, check_device, profile_jobs, throughput_jobs, \
     zero_jobs
 from .bench_runs import ROOT, BenchRunError, checkpoint_contents, latest_checkpoint, launch, read_metrics, run_job, \
     segments, subprocess_env, summarize_segment, window_rates, write_config
@@ -46,9 +48,10 @@ class Bench:
     """One bench run: its size, device, work dir, and the result dict it fills stage by stage."""
 
     def __init__(self, size: BenchSize, device: str, work: Path, threads: int, repeats: int = 1,
-                 peer_deepspeed: bool = True, profile: bool = False):
+                 peer_deepspeed: bool = True, profile: bool = False, jobs: int = 1):
         self.size, self.device, self.work, self.threads = size, device, work, threads
-        self.repeats, self.peer_deepspeed, self.profile = repeats, peer_deepspeed, profile
+        self.repeats, self.peer_deepspeed, self.profile, self.jobs = repeats, peer_deepspeed, profile, jobs
+        self.runs: dict[tuple[int, str], dict] = {}
         self.env = subprocess_env(device, threads)
         self.res: dict = {"meta": self._meta(), "errors": {}}
         self.data: dict = {}
@@ -69,7 +72,7 @@ class Bench:
                 "commit": commit.stdout.strip() or None, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "load_avg_start": round(os.getloadavg()[0], 2), "model": s.model, "seq_len": s.seq_len,
                 "micro_batch": s.micro_batch, "global_batch": s.global_batch, "warmup_steps": s.warmup,
-                "timed_steps": s.timed, "window": s.window, "repeats": self.repeats}
+                "timed_steps": s.timed, "window": s.window, "repeats": self.repeats, "jobs": self.jobs}
 
     def stage(self, name: str, fn: Callable[[], None]) -> None:
         """Run one measurement; a failure is recorded and the others still run."""
@@ -104,105 +107,90 @@ class Bench:
 
         self.data = training_data(self.work / "data", self.size)
 
-    def throughput(self) -> None:
+    def method_pair(self, repeat: int, off: TrainJob, on: TrainJob) -> None:
+        """One method: checkpointing off (fresh), then on (resuming it: load time + second figure)."""
+        method = off.config["method"]["name"]
+        shutil.rmtree(off.run_dir, ignore_errors=True)
+        self.run_train(off)
+        s_off = summarize_segment(segments(read_metrics(off.run_dir))[0], self.size.warmup, self.size.window)
+        ckpt = {**checkpoint_contents(latest_checkpoint(off.run_dir), s_off["params"]["trainable"]),
+                "save_s": s_off.pop("checkpoint")["save_s"]}  # read now: the `on` run's save prunes it
+        self.run_train(on)
+        s_on = summarize_segment(segments(read_metrics(on.run_dir))[-1], self.size.warmup, self.size.window)
+        ckpt["load_s"] = s_on.pop("load_s")
+        s_on.pop("checkpoint", None)
+        s_on["params"] = s_off["params"]
+        self.runs[(repeat, method)] = {"off": s_off, "on": s_on, "checkpoint": ckpt}
+
+    def collect_throughput(self) -> None:
+        """Median over repeats per (method, checkpointing); checkpoint figures from the first repeat."""
         train, ckpts = self.res.setdefault("train", {}), self.res.setdefault("checkpoint", {})
-        per_repeat: dict[tuple, list[dict]] = {}
-        for r in range(self.repeats):
-            for off, on in throughput_jobs(self.size, self.data, self.work / f"repeat{r}"):
-                method = off.config["method"]["name"]
-                shutil.rmtree(off.run_dir, ignore_errors=True)  # fresh; `on` then resumes it
-                self.run_train(off)
-                seg = segments(read_metrics(off.run_dir))[0]
-                s_off = summarize_segment(seg, self.size.warmup, self.size.window)
-                if r == 0:  # read before the `on` run's save prunes it (keep_last: 1)
-                    ckpt = latest_checkpoint(off.run_dir)
-                    ckpts[method] = {**checkpoint_contents(ckpt, s_off["params"]["trainable"]),
-                                     "save_s": s_off["checkpoint"]["save_s"]}
-                self.run_train(on)
-                s_on = summarize_segment(segments(read_metrics(on.run_dir))[-1], self.size.warmup, self.size.window)
-                if r == 0:
-                    ckpts[method]["load_s"] = s_on["load_s"]
-                s_on["params"] = s_off["params"]
-                per_repeat.setdefault((method, "off"), []).append(s_off)
-                per_repeat.setdefault((method, "on"), []).append(s_on)
-        for (method, ck), runs in per_repeat.items():
-            agg = dict(runs[0])
-            agg["tokens_per_s"] = statistics.median(x["tokens_per_s"] for x in runs)
-            agg["tokens_per_s_per_repeat"] = [x["tokens_per_s"] for x in runs]
-            agg["peak_mem_gb"] = max(x["peak_mem_gb"] for x in runs)
-            agg.pop("checkpoint", None)
-            train.setdefault(method, {})[ck] = agg
+        for (repeat, method), by in sorted(self.runs.items()):
+            if method not in ckpts:
+                ckpts[method] = by["checkpoint"]
+            for ck in ("off", "on"):
+                runs = [self.runs[(r, method)][ck] for r in range(self.repeats) if (r, method) in self.runs]
+                agg = dict(runs[0])
+                agg["tokens_per_s"] = statistics.median(x["tokens_per_s"] for x in runs)
+                agg["tokens_per_s_per_repeat"] = [x["tokens_per_s"] for x in runs]
+                agg["peak_mem_gb"] = max(x["peak_mem_gb"] for x in runs)
+                train.setdefault(method, {})[ck] = agg
 
     def run_train(self, job: TrainJob) -> dict:
         log(f"  train {job.name} ({job.nproc} rank{'s' if job.nproc > 1 else ''})")
         return run_job(job, self.work, self.env, self.size.timeout_s)
 
-    def peer(self) -> None:
-        """HF Trainer + PEFT on our lora config; then with DeepSpeed (our resolved JSON) if asked."""
+    def peer(self, name: str) -> None:
+        """HF Trainer + PEFT on our lora config (`hf`), or with DeepSpeed and our resolved JSON (`hf_deepspeed`)."""
         from .bench_plan import base_config
         from .config import load_config
         from .ds_config import build_ds_config
 
-        cfg = base_config(self.size, self.data, self.work / "runs" / "peer_hf", "lora", self.size.steps)
-        cfg_path = write_config(cfg, self.work / "configs" / "peer_hf.yaml")
-        peer = self.res.setdefault("peer", {})
-        variants = [("hf", None)]
-        if self.peer_deepspeed:
+        cfg = base_config(self.size, self.data, self.work / "runs" / f"peer_{name}", "lora", self.size.steps)
+        cfg_path = write_config(cfg, self.work / "configs" / f"peer_{name}.yaml")
+        out = self.work / f"peer_{name}.json"
+        cmd = [sys.executable, "-m", "trainer.bench_peer", str(cfg_path), "--out", str(out), "--device", self.device]
+        if name == "hf_deepspeed":
             ds = build_ds_config(load_config(cfg_path), 1, self.device == "cuda")
             ds_path = self.work / "configs" / "peer_ds.json"
             ds_path.write_text(json.dumps(ds, indent=2))
-            variants.append(("hf_deepspeed", ds_path))
-        for name, ds_path in variants:
-            out = self.work / f"peer_{name}.json"
-            cmd = [sys.executable, "-m", "trainer.bench_peer", str(cfg_path), "--out", str(out),
-                   "--device", self.device] + (["--deepspeed", str(ds_path)] if ds_path else [])
-            log(f"  peer {name}")
-            try:
-                launch(cmd, self.env, self.work / "logs" / f"peer_{name}.log", self.size.timeout_s)
-            except BenchRunError as e:
-                if name == "hf":
-                    raise
-                peer[name] = {"skipped": str(e).splitlines()[-1][:200]}
-                continue
-            r = json.loads(out.read_text())
-            tokens = self.size.global_batch * self.size.seq_len
-            rates = [tokens / s for s in r.pop("step_seconds")][self.size.warmup:]
-            windows = window_rates(rates, self.size.window)
-            peer[name] = {**r, "tokens_per_s": statistics.median(windows), "windows": [round(w, 2) for w in windows]}
+            cmd += ["--deepspeed", str(ds_path)]
+        log(f"  peer {name}")
+        launch(cmd, self.env, self.work / "logs" / f"peer_{name}.log", self.size.timeout_s)
+        r = json.loads(out.read_text())
+        tokens = self.size.global_batch * self.size.seq_len
+        rates = [tokens / sec for sec in r.pop("step_seconds")][self.size.warmup:]
+        windows = window_rates(rates, self.size.window)
+        self.res.setdefault("peer", {})[name] = {**r, "tokens_per_s": statistics.median(windows),
+                                                 "windows": [round(w, 2) for w in windows]}
 
-    def zero(self) -> None:
-        zero = self.res.setdefault("zero", {})
+    def zero(self, job: TrainJob) -> None:
+        """One 2-rank run: per-rank peak RSS sampled from outside, the rest from its metrics."""
+        stage = job.name[-1]
         if self.device == "cuda" and self.res["meta"]["cuda_devices"] < 2:
-            for stage in ("2", "3"):
-                zero[stage] = {"skipped": f"needs 2 GPUs, {self.res['meta']['cuda_devices']} visible"}
+            self.res.setdefault("zero", {})[stage] = {
+                "skipped": f"needs 2 GPUs, {self.res['meta']['cuda_devices']} visible"}
             return
-        env = subprocess_env(self.device, max(1, self.threads // 2))
-        for job in zero_jobs(self.size, self.data, self.work):
-            stage = job.name[-1]
-            if job.run_dir.exists():
-                shutil.rmtree(job.run_dir)
-            log(f"  train {job.name} (2 ranks)")
-            run = run_job(job, self.work, env, self.size.timeout_s, sample_rss=True)
-            seg = segments(read_metrics(job.run_dir))[0]
-            s = summarize_segment(seg, self.size.warmup, 1)
-            zero[stage] = {"rss_peak_gb": {str(k): v / 2**30 for k, v in run["rss_peak_bytes"].items()},
-                           "peak_mem_gb_rank0": s["peak_mem_gb"], "tokens_per_s": s["tokens_per_s"],
-                           "save_s": s["checkpoint"]["save_s"], "bytes": s["checkpoint"]["bytes"],
-                           "threads_per_rank": max(1, self.threads // 2)}
+        shutil.rmtree(job.run_dir, ignore_errors=True)
+        per_rank = max(1, self.threads // 2)
+        log(f"  train {job.name} (2 ranks)")
+        run = run_job(job, self.work, subprocess_env(self.device, per_rank), self.size.timeout_s, sample_rss=True)
+        s = summarize_segment(segments(read_metrics(job.run_dir))[0], self.size.warmup, 1)
+        self.res.setdefault("zero", {})[stage] = {
+            "rss_peak_gb": {str(k): v / 2**30 for k, v in run["rss_peak_bytes"].items()},
+            "peak_mem_gb_rank0": s["peak_mem_gb"], "tokens_per_s": s["tokens_per_s"],
+            "save_s": s["checkpoint"]["save_s"], "bytes": s["checkpoint"]["bytes"], "threads_per_rank": per_rank}
 
-    def profiles(self) -> None:
-        prof = self.res.setdefault("profile", {})
-        for job in profile_jobs(self.size, self.data, self.work):
-            if job.run_dir.exists():
-                shutil.rmtree(job.run_dir)
-            name = job.name.split("/")[1]
-            cfg_path = write_config(job.config, self.work / "configs" / f"profile_{name}.yaml")
-            out = self.work / f"profile_{name}.json"
-            log(f"  profile {name}")
-            launch([sys.executable, "-m", "trainer.bench_profile", str(cfg_path), "--skip", str(self.size.warmup),
-                    "--active", str(self.size.timed), "--out", str(out)], self.env,
-                   self.work / "logs" / f"profile_{name}.log", self.size.timeout_s)
-            prof[name] = json.loads(out.read_text())
+    def profile_run(self, job: TrainJob) -> None:
+        name = job.name.split("/")[1]
+        shutil.rmtree(job.run_dir, ignore_errors=True)
+        cfg_path = write_config(job.config, self.work / "configs" / f"profile_{name}.yaml")
+        out = self.work / f"profile_{name}.json"
+        log(f"  profile {name}")
+        launch([sys.executable, "-m", "trainer.bench_profile", str(cfg_path), "--skip", str(self.size.warmup),
+                "--active", str(self.size.timed), "--out", str(out)], self.env,
+               self.work / "logs" / f"profile_{name}.log", self.size.timeout_s)
+        self.res.setdefault("profile", {})[name] = json.loads(out.read_text())
 
     def data_path(self) -> None:
         from .bench_data import data_path
@@ -234,6 +222,8 @@ class Bench:
                 r["achieved_flops_per_s"] = r["flops_per_token"] * r["tokens_per_s"]
                 if peak:
                     r["mfu"] = r["achieved_flops_per_s"] / peak
+        for method, by_ck in train.items():
+            for ck, r in by_ck.items():
                 ref = train.get("finetune", {}).get(ck)
                 if ref:
                     r["ratio_vs_finetune"] = r["tokens_per_s"] / ref["tokens_per_s"]
@@ -257,16 +247,38 @@ class Bench:
         res["targets"] = targets(res)
         res["meta"]["load_avg_end"] = round(os.getloadavg()[0], 2)
 
+    def launches(self) -> list[tuple[str, Callable[[], None]]]:
+        """Every subprocess measurement, as independent tasks. Interleaved by repeat, so a change
+        of machine load over the run spreads over all methods instead of landing on one."""
+        tasks = []
+        for r in range(self.repeats):
+            for off, on in throughput_jobs(self.size, self.data, self.work / f"repeat{r}"):
+                tasks.append((f"train {off.config['method']['name']} (repeat {r})",
+                              functools.partial(self.method_pair, r, off, on)))
+        tasks.append(("peer: HF Trainer + PEFT", functools.partial(self.peer, "hf")))
+        if self.peer_deepspeed:
+            tasks.append(("peer: HF Trainer + PEFT + DeepSpeed", functools.partial(self.peer, "hf_deepspeed")))
+        for job in zero_jobs(self.size, self.data, self.work):
+            tasks.append((f"ZeRO-{job.name[-1]} at 2 ranks", functools.partial(self.zero, job)))
+        if self.profile:
+            for job in profile_jobs(self.size, self.data, self.work):
+                tasks.append((job.name, functools.partial(self.profile_run, job)))
+        return tasks
+
     def run(self) -> dict:
         self.stage("peak matmul (start)", lambda: self.peak("start"))
         self.stage("training data", self.write_data)
         if not self.data:
             return self.res
-        self.stage("throughput matrix", self.throughput)
-        self.stage("peer: HF Trainer + PEFT", self.peer)
-        self.stage("ZeRO-2 vs ZeRO-3 at 2 ranks", self.zero)
-        if self.profile:
-            self.stage("profiles", self.profiles)
+        tasks = self.launches()
+        if self.jobs == 1:
+            for name, fn in tasks:
+                self.stage(name, fn)
+        else:
+            # Smoke runs only: concurrent launches share the CPU, so their speeds mean nothing.
+            with ThreadPoolExecutor(self.jobs) as pool:
+                list(pool.map(lambda t: self.stage(*t), tasks))
+        self.collect_throughput()
         self.stage("data path", self.data_path)
         self.stage("loader", self.loader)
         self.stage("peak matmul (end)", lambda: self.peak("end"))
@@ -301,14 +313,17 @@ def main(argv=None) -> int:
                     help="intra-op threads per training process (default: torch's, i.e. the physical cores); "
                          "2-rank runs use half each")
     ap.add_argument("--repeats", type=int, default=1, help="run the throughput matrix N times, report medians")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="concurrent launches (default 1). >1 only for smoke runs: the figures come out, "
+                         "but concurrent runs share the CPU and their speeds are meaningless")
     ap.add_argument("--profile", action="store_true", help="also profile neutral_residues and finetune steps")
     ap.add_argument("--peer-deepspeed", action=argparse.BooleanOptionalAction, default=None,
                     help="also time HF Trainer + PEFT + DeepSpeed (default: on, except --size tiny)")
     ap.add_argument("--work", type=Path, default=None, help="work dir (default: a temp dir, removed on success)")
     ap.add_argument("--plan", action="store_true", help="write the run configs, print the launches, run nothing")
     args = ap.parse_args(argv)
-    if args.repeats < 1 or (args.threads is not None and args.threads < 1):
-        print("error: --repeats and --threads must be >= 1", file=sys.stderr)
+    if min(args.repeats, args.jobs, args.threads or 1) < 1:
+        print("error: --repeats, --jobs and --threads must be >= 1", file=sys.stderr)
         return 2
     size = SIZES[args.size]
     work = args.work or Path(tempfile.mkdtemp(prefix=f"trainer-bench-{size.name}-"))
@@ -327,7 +342,7 @@ def main(argv=None) -> int:
         return 2
     threads = args.threads or torch.get_num_threads()
     peer_ds = size.peer_deepspeed if args.peer_deepspeed is None else args.peer_deepspeed
-    bench = Bench(size, args.device, work, threads, args.repeats, peer_ds, args.profile)
+    bench = Bench(size, args.device, work, threads, args.repeats, peer_ds, args.profile, args.jobs)
     res = bench.run()
     from .bench_report import markdown, missing_figures
 

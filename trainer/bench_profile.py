@@ -19,6 +19,9 @@ import time
 from pathlib import Path
 
 CATEGORIES = (  # first match wins; matched against the lower-cased op name
+    # The step's own span: its self time is the Python between ops (loop, DeepSpeed, hooks, logging).
+    ("python (between ops)", ("profilerstep",)),
+    ("autograd bookkeeping", ("accumulategrad", "autograd::engine", "backward0", "backwardbackward")),
     ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::dot", "aten::mv")),
     ("attention", ("scaled_dot_product", "flash", "attention")),
     ("optimizer", ("optimizer.step", "adam", "_foreach", "clip_grad", "zero_grad", "aten::_fused")),

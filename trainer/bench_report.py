@@ -76,6 +76,8 @@ def markdown(res: dict) -> str:
     meta = res["meta"]
     out = [f"## trainer bench: size {meta['size']}, device {meta['device']}, {meta['threads']} threads, "
            f"load {meta.get('load_avg_start', '—')} -> {meta.get('load_avg_end', '—')}"]
+    if meta.get("jobs", 1) > 1:
+        out.append(f"**{meta['jobs']} concurrent launches: the speeds below are not measurements (smoke run).**")
     met = {True: "met", False: "**missed**", None: "not measured"}
     out += ["", "### Targets", _table(["target", "value", "goal", "status"],
                                       [[t["name"], t["value"], t["target"],
