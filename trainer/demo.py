@@ -21,37 +21,57 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("finetune", "lora", "adapters", "neutral_residues")
 
 # Learning rates for a ~1M-parameter backbone (the paper's 5e-5 / 2e-4 are for 1B models).
-LR = {"finetune": 1e-3, "lora": 3e-3, "adapters": 3e-3, "neutral_residues": 3e-3}
+LR = {"finetune": 3e-3, "lora": 3e-3, "adapters": 3e-3, "neutral_residues": 3e-3}
 
 SIZES = {
-    # name: (files, seq_len, vocab, pretrain steps, extend steps, model overrides)
-    "full": (None, 128, 4096, 500, 300, []),
-    "quick": (120, 64, 1024, 60, 40, ["model.config.hidden_size=64", "model.config.intermediate_size=172",
-                                      "model.config.num_hidden_layers=2"]),
+    # name: (files, seq_len, vocab, pretrain steps, extend steps, model overrides of configs/demo/pretrain.yaml)
+    "full": (None, 96, 2048, 400, 150, []),
+    "quick": (120, 64, 1024, 200, 60, ["model.config.hidden_size=64", "model.config.intermediate_size=172",
+                                       "model.config.num_hidden_layers=2"]),
 }
 
 
 class Demo:
-    def __init__(self, out: Path, quick: bool, nproc: int, corpus: Path | None):
+    def __init__(self, out: Path, quick: bool, nproc: int, corpus: Path | None,
+                 pretrain_steps: int | None = None, extend_steps: int | None = None):
         self.out, self.quick, self.nproc, self.user_corpus = out, quick, nproc, corpus
         self.files, self.seq_len, self.vocab, self.pre_steps, self.ext_steps, self.model_kw = \
             SIZES["quick" if quick else "full"]
+        self.pre_steps = pretrain_steps or self.pre_steps
+        self.ext_steps = extend_steps or self.ext_steps
         self.env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         if "CUDA_VISIBLE_DEVICES" not in os.environ:
             self.env.setdefault("DS_ACCELERATOR", "cpu")
         self.timings: dict[str, float] = {}
 
+    def settings(self, name: str) -> str:
+        """What a step's output depends on (its own settings and every upstream step's)."""
+        yaml_text = {n: (ROOT / "configs" / "demo" / f"{n}.yaml").read_text() for n in ("pretrain", "extend")}
+        chain = [("corpus", [self.files, str(self.user_corpus)]), ("tokenizer", [self.vocab]),
+                 ("data", [self.seq_len]), ("pretrain", [self.pre_steps, self.model_kw, yaml_text["pretrain"]]),
+                 ("export_backbone", []), ("extend", [self.ext_steps, LR, yaml_text["extend"]])]
+        out = []
+        for step, values in chain:
+            out.append(values)
+            if name.startswith(step):
+                break
+        return json.dumps(out)
+
     def step(self, name: str, fn) -> None:
         marker = self.out / ".done" / name
-        if marker.exists():
+        if marker.exists() and _marker_settings(marker) == self.settings(name):
             print(f"[demo] {name}: cached", flush=True)
             return
         print(f"[demo] {name} ...", flush=True)
+        # A step redone (new settings, or killed midway) starts from an empty output dir:
+        # a leftover training checkpoint would otherwise be resumed.
+        target = self.out / {"export_backbone": "backbone"}.get(name, name.removeprefix("extend_"))
+        shutil.rmtree(target, ignore_errors=True)
         t0 = time.time()
         fn()
         self.timings[name] = round(time.time() - t0, 1)
         marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(str(self.timings[name]))
+        marker.write_text(json.dumps({"seconds": self.timings[name], "settings": self.settings(name)}))
         print(f"[demo] {name}: done in {self.timings[name]:.0f}s", flush=True)
 
     def sh(self, *args: str) -> None:
@@ -133,6 +153,13 @@ class Demo:
         return res
 
 
+def _marker_settings(marker: Path):
+    try:
+        return json.loads(marker.read_text()).get("settings")
+    except (ValueError, AttributeError):
+        return None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m trainer demo", description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "demo", help="run dir (default: runs/demo)")
@@ -140,6 +167,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fresh", action="store_true", help="redo every step instead of reusing finished ones")
     ap.add_argument("--nproc", type=int, default=1, help="ranks per training run (default 1)")
     ap.add_argument("--corpus", type=Path, help="dir with your own en.jsonl and code.jsonl ({'text': ...} lines)")
+    ap.add_argument("--pretrain-steps", type=int, help="override the backbone's pretraining steps")
+    ap.add_argument("--extend-steps", type=int, help="override each method's extension steps")
     args = ap.parse_args(argv)
     if args.corpus and not all((args.corpus / f"{d}.jsonl").is_file() for d in ("en", "code")):
         print(f"error: --corpus {args.corpus}: needs en.jsonl and code.jsonl", file=sys.stderr)
@@ -147,7 +176,7 @@ def main(argv=None) -> int:
     if args.fresh and args.out.exists():
         shutil.rmtree(args.out)
     try:
-        Demo(args.out, args.quick, args.nproc, args.corpus).run()
+        Demo(args.out, args.quick, args.nproc, args.corpus, args.pretrain_steps, args.extend_steps).run()
     except subprocess.CalledProcessError as e:
         print(f"error: step failed: {' '.join(map(str, e.cmd[1:]))} (exit {e.returncode})", file=sys.stderr)
         return 1
