@@ -42,6 +42,12 @@ def load_trained(run_dir: Path, tag: Optional[str] = None, dtype: torch.dtype = 
     if tag is None:
         raise ConfigError(f"{ckpt_dir}: no complete checkpoint")
     meta = checkpoint.read_meta(ckpt_dir, tag)
+    frozen_random = cfg.model.config is not None and cfg.method.name != "finetune"
+    if frozen_random and meta.get("zero_stage") == 3:
+        # zero.Init draws the random init partition by partition: outside it the frozen weights differ.
+        raise ConfigError(f"{ckpt_dir / tag}: this run trained adapters on a backbone built from model.config "
+                          "under ZeRO-3, whose random frozen weights cannot be rebuilt here; save the backbone "
+                          "(e.g. a finetune run + export) and train with model.path")
     # A randomly initialised backbone is rebuilt from the same seed, exactly as train() built it.
     seed_everything(cfg.train.seed)
     model = load_backbone(cfg, dtype)
