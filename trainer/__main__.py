@@ -16,7 +16,6 @@ COMMANDS = {
     "demo": ("trainer.demo", "the CPU quickstart, end to end"),
     "bench": ("trainer.bench", "throughput, memory and checkpoint cost vs finetune"),
     "readapt": ("trainer.readapt", "RE-Adapt / LoRE-Adapt: instruction deltas and recombination"),
-    "submit": ("trainer.submit", "render and submit the SLURM templates"),
 }
 
 
