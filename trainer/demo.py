@@ -163,7 +163,7 @@ def _marker_settings(marker: Path):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m trainer demo", description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "demo", help="run dir (default: runs/demo)")
-    ap.add_argument("--quick", action="store_true", help="smoke version (~2 min): fewer files, steps, a smaller model")
+    ap.add_argument("--quick", action="store_true", help="smoke version (a few minutes): fewer files and steps, a smaller model")
     ap.add_argument("--fresh", action="store_true", help="redo every step instead of reusing finished ones")
     ap.add_argument("--nproc", type=int, default=1, help="ranks per training run (default 1)")
     ap.add_argument("--corpus", type=Path, help="dir with your own en.jsonl and code.jsonl ({'text': ...} lines)")
