@@ -89,11 +89,15 @@ def markdown(res: dict) -> str:
     for m in METHODS:
         for ck in ("off", "on"):
             r = _get(res, f"train.{m}.{ck}") or {}
-            rows.append([m, ck, r.get("tokens_per_s"), r.get("ratio_vs_finetune"), r.get("expected_ratio"),
-                         r.get("flops_per_token"), r.get("mfu"), r.get("peak_mem_gb")])
-    out += ["", f"### Training throughput (1 rank, median of windows; peak matmul {_fmt(peak and peak / 1e9)} GFLOP/s)",
-            _table(["method", "act. ckpt", "tokens/s", "/ finetune", "FLOPs ratio", "FLOPs/token", "MFU",
-                    "peak mem GB"], rows)]
+            rows.append([m, ck, r.get("tokens_per_s"), r.get("ratio_vs_finetune"), r.get("tokens_per_s_best"),
+                         r.get("ratio_vs_finetune_best"), r.get("expected_ratio"), r.get("flops_per_token"),
+                         r.get("mfu"), r.get("peak_mem_gb"), r.get("load_avg_end")])
+    out += ["", f"### Training throughput (1 rank; peak matmul {_fmt(peak and peak / 1e9)} GFLOP/s)",
+            "tokens/s: median of windows (the figure); best: the fastest window (least disturbed by other load); "
+            "FLOPs ratio: finetune's FLOPs/token over the method's, the speed-up if time followed FLOPs; "
+            "FLOP util. counts the recompute when checkpointing.",
+            "", _table(["method", "act. ckpt", "tokens/s", "/ finetune", "best tokens/s", "best / finetune",
+                        "FLOPs ratio", "FLOPs/token", "FLOP util.", "peak mem GB", "load avg"], rows)]
 
     peer = res.get("peer") or {}
     prow = [["ours (trainer lora)", _get(res, "train.lora.off.tokens_per_s"), 1.0],
