@@ -175,13 +175,17 @@ def test_profile_groups_ops_by_what_they_are():
          "copy/layout", "python (between ops)", "autograd bookkeeping", "other"]
 
     class Ev:
-        def __init__(self, key, us, count=1):
+        def __init__(self, key, us, count=1, total=None):
             self.key, self.self_cpu_time_total, self.count = key, us, count
+            self.cpu_time_total = us if total is None else total
 
-    s = summarize([Ev("aten::mul", 1000), Ev("aten::mm", 3000, 4), Ev("aten::addmm", 1000)], top=2, wall_s=0.01)
+    s = summarize([Ev("aten::mul", 1000), Ev("aten::mm", 3000, 4), Ev("aten::addmm", 1000),
+                   Ev("Optimizer.step#AdamW.step", 100, total=2000)], top=2, wall_s=0.01)
     assert [o["op"] for o in s["top_ops"]] == ["aten::mm", "aten::mul"]
     assert s["categories"]["matmul"]["self_ms"] == pytest.approx(4.0)
     assert s["categories"]["matmul"]["share_of_wall"] == pytest.approx(0.4)
+    assert s["spans"]["optimizer step"]["total_ms"] == pytest.approx(2.0)
+    assert s["spans"]["data loader next"]["total_ms"] == 0
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -45,8 +45,14 @@ def category(name: str) -> str:
     return "other"
 
 
+# Spans whose *total* time (children included) answers a question self times cannot: ZeRO flattens
+# the trainable params, so AdamW is a handful of plain aten::mul_/add_ that land in "elementwise".
+SPANS = {"optimizer step": "optimizer.step#", "data loader next": "enumerate(dataloader)"}
+
+
 def summarize(events, top: int, wall_s: float) -> dict:
-    """Top ops by self CPU time, and self time per category as a share of the profiled wall time."""
+    """Top ops by self CPU time, self time per category and a few spans' total time, as shares of wall time."""
+    events = list(events)
     rows = [{"op": e.key, "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3} for e in events]
     rows.sort(key=lambda r: -r["self_ms"])
     total = sum(r["self_ms"] for r in rows)
@@ -59,6 +65,9 @@ def summarize(events, top: int, wall_s: float) -> dict:
         "categories": {k: {"self_ms": v, "share_of_wall": v / wall_ms if wall_ms else 0.0}
                        for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
         "top_ops": [{**r, "share_of_wall": r["self_ms"] / wall_ms if wall_ms else 0.0} for r in rows[:top]],
+        "spans": {name: {"total_ms": t, "share_of_wall": t / wall_ms if wall_ms else 0.0}
+                  for name, key in SPANS.items()
+                  for t in [sum(e.cpu_time_total for e in events if e.key.lower().startswith(key)) / 1e3]},
     }
 
 

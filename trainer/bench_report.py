@@ -144,6 +144,8 @@ def markdown(res: dict) -> str:
         if not isinstance(p, dict) or "categories" not in p:
             continue
         cats = ", ".join(f"{k} {v['share_of_wall']:.0%}" for k, v in list(p["categories"].items())[:6])
+        spans = "; ".join(f"{k} (total) {v['share_of_wall']:.0%}" for k, v in (p.get("spans") or {}).items())
+        cats += f"; {spans}" if spans else ""
         out += ["", f"### Profile: {name} ({p['active']} steps, {p['wall_ms'] / p['active']:.0f} ms/step): {cats}",
                 _table(["op", "calls", "self ms", "share of wall"],
                        [[o["op"], o["calls"], o["self_ms"], o["share_of_wall"]] for o in p["top_ops"][:10]])]
