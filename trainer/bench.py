@@ -313,7 +313,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m trainer bench", description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu")
     ap.add_argument("--size", choices=tuple(SIZES), default="small",
-                    help="tiny: CI smoke (figures only); small: a CPU measurement (~15 min); 1b: GPU only")
+                    help="tiny: CI smoke (figures only); small: a CPU measurement (~10 min on 2 idle cores, "
+                         "~30 min on a loaded machine); 1b: GPU only")
     ap.add_argument("--out", type=Path, default=None, help="JSON result file (default: runs/bench/SIZE-DEVICE.json)")
     ap.add_argument("--threads", type=int, default=None,
                     help="intra-op threads per training process (default: torch's, i.e. the physical cores); "

@@ -74,7 +74,7 @@ def _gb(b: Optional[float]) -> Optional[float]:
 def markdown(res: dict) -> str:
     """The printed report: targets first, then the figures behind them."""
     meta = res["meta"]
-    out = [f"## trainer bench: size {meta['size']}, device {meta['device']}, {meta['threads']} threads, "
+    out = [f"## trainer bench: size {meta['size']}, device {meta['device']}, threads {meta['threads']}, "
            f"load {meta.get('load_avg_start', '—')} -> {meta.get('load_avg_end', '—')}"]
     if meta.get("jobs", 1) > 1:
         out.append(f"**{meta['jobs']} concurrent launches: the speeds below are not measurements (smoke run).**")
