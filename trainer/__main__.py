@@ -4,8 +4,11 @@ Each command lives in its own module with a `main(argv) -> int` function, so tes
 call the same entry points as users. Imports are lazy: `--help` must not pay for
 importing DeepSpeed.
 """
+import hashlib
 import importlib
+import os
 import sys
+from pathlib import Path
 
 COMMANDS = {
     "train": ("trainer.train", "train an extended model (DeepSpeed, any number of ranks)"),
@@ -25,6 +28,16 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def _own_extensions_dir() -> None:
+    """DeepSpeed JIT-builds ops (the CPU shm allreduce, fused Adam...) into ~/.cache/torch_extensions/pyXY_*.
+    Two environments sharing that dir rebuild the op in turn (~1 min each time: the build command names
+    each environment's include paths), which is common on clusters with one venv per project. One dir per
+    interpreter prefix avoids it; an explicit TORCH_EXTENSIONS_DIR is respected."""
+    if "TORCH_EXTENSIONS_DIR" not in os.environ:
+        tag = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(Path.home() / ".cache" / "torch_extensions" / f"env-{tag}")
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # The deepspeed launcher puts --local_rank=N before the command; LOCAL_RANK carries it too.
@@ -36,6 +49,7 @@ def main(argv=None) -> int:
     if name not in COMMANDS:
         print(f"error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    _own_extensions_dir()
     module = importlib.import_module(COMMANDS[name][0])
     return module.main(rest) or 0
 

@@ -68,7 +68,7 @@ SIZES = {
     # A realistic CPU measurement (~10 min on 2 idle cores, ~30 at load 3-5). The vocabulary keeps the LM head at
     # ~1/4 of the matmul parameters, about its share in a 1B Llama.
     "small": BenchSize("small", _llama(256, 688, 4, 4, 4, 4096, 256), seq_len=256, micro_batch=4, global_batch=8,
-                       warmup=3, timed=15, window=3, zero_timed=3, matmul_n=2048, corpus_files=200,
+                       warmup=5, timed=15, window=3, zero_timed=3, matmul_n=2048, corpus_files=200,
                        tokenizer_vocab=4096),
     # Llama-3.2-1B's shape; only meaningful on GPUs.
     "1b": BenchSize("1b", _llama(2048, 8192, 16, 32, 8, 128256, 2048, tie_word_embeddings=True), seq_len=2048,

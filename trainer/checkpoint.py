@@ -2,6 +2,8 @@
 
 Layout: run_dir/checkpoints/<tag>/ holds DeepSpeed's files (trainable params and
 optimizer state only: frozen backbone weights are excluded) plus our meta.json.
+Under ZeRO-1/2 the trainable params are stored once, as the optimizer's fp32
+master; the module's own copy is left out (see `_master_only`).
 `checkpoints/latest` names the newest tag and is replaced atomically only after
 every rank has finished writing, so a job killed mid-save resumes from the
 previous checkpoint instead of a half-written one.
@@ -16,6 +18,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -59,11 +63,53 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _master_is_complete(engine) -> bool:
+    """ZeRO-1/2 optimizers hold an fp32 master of every trainable param in their own state."""
+    return engine.zero_optimization_stage() in (1, 2)
+
+
+@contextmanager
+def _master_only(engine):
+    """Leave the module's copy of the trainable params out of model_states under ZeRO-1/2.
+
+    DeepSpeed saves them twice there: in the module state dict and as the optimizer's
+    fp32 master (a third more bytes than params + Adam moments in fp32). The master is
+    the one resume restores, so the module copy is rebuilt from it (`restore_module`);
+    `zero_to_fp32` (export) and the universal conversion read the master too. ZeRO-3
+    saves no module weights at all, and without ZeRO the module *is* the master.
+    """
+    if not _master_is_complete(engine):
+        yield
+        return
+    trainable = {n for n, p in engine.module.named_parameters() if p.requires_grad}
+    full = engine.module_state_dict
+
+    def module_state_dict(*args, **kwargs):
+        return OrderedDict((k, v) for k, v in full(*args, **kwargs).items() if k not in trainable)
+
+    engine.module_state_dict = module_state_dict
+    try:
+        yield
+    finally:
+        del engine.module_state_dict
+
+
+def restore_module(engine) -> None:
+    """After a load, set the module's trainable params from the fp32 master (all ranks).
+
+    DeepSpeed does the same after a universal load; after a plain ZeRO-1/2 load it
+    would keep the module copy, which `_master_only` did not save.
+    """
+    if _master_is_complete(engine):
+        engine.optimizer.update_lp_params()
+
+
 def save(engine, ckpt_dir: Path, step: int, client_state: dict, meta: dict, keep_last: int) -> str:
     tag = tag_for(step)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False,
-                           exclude_frozen_parameters=True)
+    with _master_only(engine):
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False,
+                               exclude_frozen_parameters=True)
     dist.barrier()
     if dist.detect_world().is_main:
         _atomic_write(ckpt_dir / tag / META, json.dumps({**meta, "step": step, "tag": tag}, indent=2))

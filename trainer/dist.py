@@ -85,6 +85,13 @@ def init_distributed() -> World:
     return world
 
 
+def shutdown() -> None:
+    """Destroy the process group on a clean exit; left to interpreter teardown, torch warns and NCCL
+    can hang there."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def device() -> torch.device:
     from deepspeed.accelerator import get_accelerator
 

@@ -94,6 +94,11 @@ def train(cfg: RunConfig) -> dict:
     check_inputs(cfg)
     world = dist.init_distributed()
     setup_logging(world.rank)
+    if not dist.on_gpu():
+        # The adapters' zero-initialised output projection makes subnormal floats in the first
+        # steps, which x86 CPUs compute ~30% slower (GPUs flush them anyway); flushing them to
+        # zero changes nothing above 1e-38.
+        torch.set_flush_denormal(True)
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / "checkpoints"
 
@@ -139,6 +144,7 @@ def train(cfg: RunConfig) -> dict:
                                            load_optimizer_states=True, load_lr_scheduler_states=True)
         if client is None:
             raise ConfigError(f"{ckpt_dir / resume_tag}: DeepSpeed could not load this checkpoint")
+        checkpoint.restore_module(engine)
         step, tokens_seen = client["step"], client["tokens_seen"]
         stream.load_state(client["loader"])
         set_rng_state(client["rng"])
@@ -278,6 +284,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    dist.shutdown()
     return EXIT_REQUEUE if result.get("stopped") else 0
 
 
