@@ -5,6 +5,9 @@ corpus -> data_prep train-tokenizer -> data_prep build (per domain) ->
 trainer train (pretrain a tiny English backbone) -> trainer export ->
 trainer train (each method, p = 0.1) -> trainer report.
 Every step leaves a `.done` marker, so a re-run reuses finished steps; --fresh redoes them.
+Independent launches (the two data builds, the four extensions) run `--jobs` at a time with
+the cores split between them: on a small machine most of a tiny run is Python start-up
+(torch, transformers, DeepSpeed, streaming: ~8 s per process), which overlaps.
 """
 from __future__ import annotations
 
@@ -14,7 +17,9 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,8 +38,8 @@ SIZES = {
 
 class Demo:
     def __init__(self, out: Path, quick: bool, nproc: int, corpus: Path | None,
-                 pretrain_steps: int | None = None, extend_steps: int | None = None):
-        self.out, self.quick, self.nproc, self.user_corpus = out, quick, nproc, corpus
+                 pretrain_steps: int | None = None, extend_steps: int | None = None, jobs: int = 1):
+        self.out, self.quick, self.nproc, self.user_corpus, self.jobs = out, quick, nproc, corpus, jobs
         self.files, self.seq_len, self.vocab, self.pre_steps, self.ext_steps, self.model_kw = \
             SIZES["quick" if quick else "full"]
         self.pre_steps = pretrain_steps or self.pre_steps
@@ -43,6 +48,7 @@ class Demo:
         if "CUDA_VISIBLE_DEVICES" not in os.environ:
             self.env.setdefault("DS_ACCELERATOR", "cpu")
         self.timings: dict[str, float] = {}
+        self._print = threading.Lock()
 
     def settings(self, name: str) -> str:
         """What a step's output depends on (its own settings and every upstream step's)."""
@@ -60,9 +66,9 @@ class Demo:
     def step(self, name: str, fn) -> None:
         marker = self.out / ".done" / name
         if marker.exists() and _marker_settings(marker) == self.settings(name):
-            print(f"[demo] {name}: cached", flush=True)
+            self.say(f"[demo] {name}: cached")
             return
-        print(f"[demo] {name} ...", flush=True)
+        self.say(f"[demo] {name} ...")
         # A step redone (new settings, or killed midway) starts from an empty output dir:
         # a leftover training checkpoint would otherwise be resumed.
         target = self.out / {"export_backbone": "backbone"}.get(name, name.removeprefix("extend_"))
@@ -72,19 +78,42 @@ class Demo:
         self.timings[name] = round(time.time() - t0, 1)
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps({"seconds": self.timings[name], "settings": self.settings(name)}))
-        print(f"[demo] {name}: done in {self.timings[name]:.0f}s", flush=True)
+        self.say(f"[demo] {name}: done in {self.timings[name]:.0f}s")
 
-    def sh(self, *args: str) -> None:
+    def say(self, msg: str) -> None:
+        with self._print:
+            print(msg, flush=True)
+
+    def sh(self, *args: str, log: str | None = None) -> None:
+        """Run `python -m ARGS`; with `log`, its output goes to logs/LOG.log (concurrent launches)."""
         cmd = [sys.executable, "-m", *args]
-        print("  $ " + " ".join(cmd[1:]), flush=True)
-        subprocess.run(cmd, cwd=ROOT, env=self.env, check=True)
+        self.say("  $ " + " ".join(cmd[1:]))
+        if log is None:
+            subprocess.run(cmd, cwd=ROOT, env=self.env, check=True)
+            return
+        path = self.out / "logs" / f"{log}.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        env = self.env
+        if self.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
+            env = dict(env, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // (self.jobs * self.nproc))))
+        with open(path, "w") as f:
+            p = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+        if p.returncode:
+            self.say(f"--- last lines of {path} ---\n" + "\n".join(path.read_text().splitlines()[-30:]))
+            raise subprocess.CalledProcessError(p.returncode, cmd)
+        self.say(f"  log: {path}")
 
-    def train(self, config: str, *overrides: str) -> None:
+    def concurrently(self, fn, items) -> None:
+        """fn(item) for every item, `jobs` at a time; the first failure is raised."""
+        with ThreadPoolExecutor(self.jobs) as pool:
+            list(pool.map(fn, items))
+
+    def train(self, config: str, *overrides: str, log: str | None = None) -> None:
         if self.nproc > 1:
             launcher = ["torch.distributed.run", "--nproc_per_node", str(self.nproc), "-m"]
         else:
             launcher = []
-        self.sh(*launcher, "trainer", "train", str(ROOT / config), *overrides, "log.progress=false")
+        self.sh(*launcher, "trainer", "train", str(ROOT / config), *overrides, "log.progress=false", log=log)
 
     # ----------------------------------------------------------------- steps
     def corpus(self) -> None:
@@ -103,10 +132,13 @@ class Demo:
                 "--out", str(self.out / "tokenizer"), "--vocab-size", str(self.vocab))
 
     def data(self) -> None:
-        for d in ("en", "code"):
+        def build(d: str) -> None:
             self.sh("data_prep", "build", "--input", str(self.out / "corpus" / f"{d}.jsonl"), "--domain", d,
                     "--tokenizer", str(self.out / "tokenizer"), "--seq-len", str(self.seq_len),
-                    "--out", str(self.out / "data" / d), "--val-fraction", "0.1", "--seed", "0")
+                    "--out", str(self.out / "data" / d), "--val-fraction", "0.1", "--seed", "0",
+                    log=f"data_{d}" if self.jobs > 1 else None)
+
+        self.concurrently(build, ("en", "code"))
 
     def data_overrides(self) -> list[str]:
         dd = self.out / "data"
@@ -130,7 +162,7 @@ class Demo:
                    f"data.streams.1.train={self.out / 'data' / 'code' / 'train'}",
                    f"train.lr={LR[method]}", f"train.max_steps={self.ext_steps}", f"checkpoint.every={self.ext_steps}",
                    # Every method starts as the backbone, whose eval the report takes from the pretraining run.
-                   "eval.at_start=false")
+                   "eval.at_start=false", log=method if self.jobs > 1 else None)
 
     def report(self) -> dict:
         from .report import write_report
@@ -145,8 +177,7 @@ class Demo:
         self.step("data", self.data)
         self.step("pretrain", self.pretrain)
         self.step("export_backbone", self.export_backbone)
-        for m in METHODS:
-            self.step(f"extend_{m}", lambda m=m: self.extend(m))
+        self.concurrently(lambda m: self.step(f"extend_{m}", lambda: self.extend(m)), METHODS)
         res = self.report()
         total = round(time.time() - t0, 1)
         (self.out / "timings.json").write_text(json.dumps({**self.timings, "total": total}, indent=2))
@@ -165,9 +196,12 @@ def _marker_settings(marker: Path):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m trainer demo", description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "demo", help="run dir (default: runs/demo)")
-    ap.add_argument("--quick", action="store_true", help="smoke version (a few minutes): fewer files and steps, a smaller model")
+    ap.add_argument("--quick", action="store_true", help="smoke version (~2 min on 2 cores): fewer files and steps, a smaller model")
     ap.add_argument("--fresh", action="store_true", help="redo every step instead of reusing finished ones")
     ap.add_argument("--nproc", type=int, default=1, help="ranks per training run (default 1)")
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                    help="independent launches at a time, sharing the cores (default: 2, or 1 on one core); "
+                         "with more than 1, their output goes to OUT/logs/")
     ap.add_argument("--corpus", type=Path, help="dir with your own en.jsonl and code.jsonl ({'text': ...} lines)")
     ap.add_argument("--pretrain-steps", type=int, help="override the backbone's pretraining steps")
     ap.add_argument("--extend-steps", type=int, help="override each method's extension steps")
@@ -178,7 +212,8 @@ def main(argv=None) -> int:
     if args.fresh and args.out.exists():
         shutil.rmtree(args.out)
     try:
-        Demo(args.out, args.quick, args.nproc, args.corpus, args.pretrain_steps, args.extend_steps).run()
+        Demo(args.out, args.quick, args.nproc, args.corpus, args.pretrain_steps, args.extend_steps,
+             max(1, args.jobs)).run()
     except subprocess.CalledProcessError as e:
         print(f"error: step failed: {' '.join(map(str, e.cmd[1:]))} (exit {e.returncode})", file=sys.stderr)
         return 1

@@ -218,17 +218,18 @@ class ParallelAdapterMLP(nn.Module):
         L = self.adapter.num_layers
         n_orig = orig.sum()
         l1_share = bce_share = None
+        res = y.abs().float().mean(-1) if self.uses_l1 else None  # (B, T) mean |y|: the l1 and a statistic
         if self.uses_l1:
             # Mean |y| over elements, then over original tokens; clamp keeps 0/0 = 0 exactly.
             # The trainer passes l1_tokens = original tokens per micro batch averaged over the
             # whole optimizer step (all ranks, all accumulation steps), so the l1 is a mean over the
             # step's original tokens whatever the world size or the grouping into micro batches.
             denom = n_orig if p.l1_tokens is None else torch.as_tensor(p.l1_tokens, device=n_orig.device)
-            l1_share = (y.abs().float().mean(-1) * orig).sum() / denom.clamp(min=1.0) / L
+            l1_share = (res * orig).sum() / denom.clamp(min=1.0) / L
         if self.uses_bce:
             bce_share = F.binary_cross_entropy_with_logits(z.float(), new) / L
         with torch.no_grad():
-            res = y.detach().abs().float().mean(-1)
+            res = res.detach() if res is not None else y.detach().abs().float().mean(-1)
             gd = g.detach().float() if g is not None else torch.ones_like(orig)
             active = (gd > 0).float()
             stats = torch.stack([n_orig, new.sum(), (active * orig).sum(), (active * new).sum(),
