@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     cfg = load_config(args.config)
     if args.deepspeed and "RANK" not in os.environ:
         # DeepSpeed falls back to MPI discovery without launcher variables: be a 1-rank job.
-        from .bench_runs import free_port
+        from .dist import free_port
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     result = run_peer(cfg, args.device, Path(cfg.run_dir), args.deepspeed)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,12 +42,6 @@ def subprocess_env(device: str, threads: int) -> dict:
     return env
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def write_config(cfg: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -56,6 +49,8 @@ def write_config(cfg: dict, path: Path) -> Path:
 
 
 def train_command(config: Path, nproc: int, overrides=(), module: str = "trainer") -> list[str]:
+    from .dist import free_port
+
     tail = ["-m", module] + (["train"] if module == "trainer" else []) + [str(config), *overrides]
     if nproc == 1:
         return [sys.executable, *tail]

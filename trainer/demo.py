@@ -110,7 +110,9 @@ class Demo:
 
     def train(self, config: str, *overrides: str, log: str | None = None) -> None:
         if self.nproc > 1:
-            launcher = ["torch.distributed.run", "--nproc_per_node", str(self.nproc), "-m"]
+            from .dist import free_port  # concurrent launches must not share torchrun's default port
+            launcher = ["torch.distributed.run", "--nproc_per_node", str(self.nproc), "--master_port",
+                        str(free_port()), "-m"]
         else:
             launcher = []
         self.sh(*launcher, "trainer", "train", str(ROOT / config), *overrides, "log.progress=false", log=log)

@@ -45,7 +45,7 @@ def _from_slurm() -> None:
     os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -64,7 +64,7 @@ def detect_world() -> World:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         # A lone process needs a 1-rank group too; a fixed port would clash with other jobs on the node.
-        os.environ["MASTER_PORT"] = str(_free_port()) if world_size == 1 else "29500"
+        os.environ["MASTER_PORT"] = str(free_port()) if world_size == 1 else "29500"
     return World(rank, world_size, local_rank, local_world)
 
 
