@@ -144,7 +144,8 @@ class ValSet:
         self.ds = LocalDataset(local=path)
         n = len(self.ds)
         if max_batches is not None:
-            n = min(n, max_batches * batch_size * world_size)
+            # Counted as on one rank: the same samples, hence the same figure, on any number of ranks.
+            n = min(n, max_batches * batch_size)
         per_rank = -(-n // world_size)
         mine = list(range(rank, n, world_size))
         self.indices = mine + [-1] * (per_rank - len(mine))

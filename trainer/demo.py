@@ -110,6 +110,11 @@ class Demo:
 
     def train(self, config: str, *overrides: str, log: str | None = None) -> None:
         if self.nproc > 1:
+            import yaml
+
+            # The same global batch on any number of ranks, each rank taking its share.
+            global_batch = yaml.safe_load((ROOT / config).read_text())["train"]["global_batch_size"]
+            overrides += (f"train.micro_batch_size={max(1, global_batch // self.nproc)}",)
             from .dist import free_port  # concurrent launches must not share torchrun's default port
             launcher = ["torch.distributed.run", "--nproc_per_node", str(self.nproc), "--master_port",
                         str(free_port()), "-m"]
