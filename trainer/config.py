@@ -213,7 +213,8 @@ class EvalConfig:
     every: int = 0
     """Evaluate every N steps (0: only at the end)."""
     max_batches: Optional[int] = None
-    """Cap on val batches per domain, counted as on one rank: the first max_batches x batch_size samples, split over the ranks (None: the whole val set)."""
+    """Cap on val batches per domain, counted as on one rank: the first max_batches x batch_size
+    samples, split over the ranks (None: the whole val set)."""
     batch_size: int = 4
     """Per-rank eval batch size."""
     at_start: bool = True

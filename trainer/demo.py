@@ -203,7 +203,8 @@ def _marker_settings(marker: Path):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m trainer demo", description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "demo", help="run dir (default: runs/demo)")
-    ap.add_argument("--quick", action="store_true", help="smoke version (~2 min on 2 cores): fewer files and steps, a smaller model")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke version (~2 min on 2 cores): fewer files and steps, a smaller model")
     ap.add_argument("--fresh", action="store_true", help="redo every step instead of reusing finished ones")
     ap.add_argument("--nproc", type=int, default=1, help="ranks per training run (default 1)")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),

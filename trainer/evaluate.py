@@ -220,7 +220,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="few-shot sampling seed")
     ap.add_argument("--tokenizer", help="tokenizer dir (default: the model's, or the run's backbone)")
     ap.add_argument("--batch-size", type=int, default=8, help="sequences per forward, per rank")
-    ap.add_argument("--max-batches", type=int, help="cap on val batches per domain, counted as on one rank (the same samples on any number of ranks)")
+    ap.add_argument("--max-batches", type=int,
+                    help="cap on val batches per domain, counted as on one rank (the same samples on any number of ranks)")
     ap.add_argument("--tag", help="checkpoint tag of a run dir (default: latest)")
     ap.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="auto: bf16 on GPU, fp32 on CPU")
     ap.add_argument("--trust-remote-code", action="store_true", help="allow modeling code shipped in the HF dir")
