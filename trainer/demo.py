@@ -85,16 +85,17 @@ class Demo:
             print(msg, flush=True)
 
     def sh(self, *args: str, log: str | None = None) -> None:
-        """Run `python -m ARGS`; with `log`, its output goes to logs/LOG.log (concurrent launches)."""
+        """Run `python -m ARGS`. A launch that may run concurrently names a `log`: with --jobs > 1
+        its output goes to logs/LOG.log and it gets its share of the cores."""
         cmd = [sys.executable, "-m", *args]
         self.say("  $ " + " ".join(cmd[1:]))
-        if log is None:
+        if log is None or self.jobs == 1:
             subprocess.run(cmd, cwd=ROOT, env=self.env, check=True)
             return
         path = self.out / "logs" / f"{log}.log"
         path.parent.mkdir(parents=True, exist_ok=True)
         env = self.env
-        if self.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
+        if "OMP_NUM_THREADS" not in os.environ:
             env = dict(env, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // (self.jobs * self.nproc))))
         with open(path, "w") as f:
             p = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
@@ -143,7 +144,7 @@ class Demo:
             self.sh("data_prep", "build", "--input", str(self.out / "corpus" / f"{d}.jsonl"), "--domain", d,
                     "--tokenizer", str(self.out / "tokenizer"), "--seq-len", str(self.seq_len),
                     "--out", str(self.out / "data" / d), "--val-fraction", "0.1", "--seed", "0",
-                    log=f"data_{d}" if self.jobs > 1 else None)
+                    log=f"data_{d}")
 
         self.concurrently(build, ("en", "code"))
 
@@ -169,7 +170,7 @@ class Demo:
                    f"data.streams.1.train={self.out / 'data' / 'code' / 'train'}",
                    f"train.lr={LR[method]}", f"train.max_steps={self.ext_steps}", f"checkpoint.every={self.ext_steps}",
                    # Every method starts as the backbone, whose eval the report takes from the pretraining run.
-                   "eval.at_start=false", log=method if self.jobs > 1 else None)
+                   "eval.at_start=false", log=method)
 
     def report(self) -> dict:
         from .report import write_report
