@@ -105,6 +105,55 @@ def test_checkpoint_contents_count_frozen_weights(tmp_path):
     assert c["bytes"] == sum(c["files"].values()) and c["ratio_to_trainable_state"] == c["bytes"] / 240
 
 
+# ----------------------------------------------------------------------------- pairing over repeats
+
+
+def _bench(tmp_path, repeats):
+    b = bench.Bench(TINY, "cpu", tmp_path, threads=1, repeats=repeats)
+    b.data = {d: {"train": str(tmp_path / d), "val": str(tmp_path / d)} for d in ("en", "code")}
+    return b
+
+
+def _run(tps):
+    seg = {"tokens_per_s": tps, "tokens_per_s_best": tps, "peak_mem_gb": 1.0, "params": {"trainable": 20}}
+    return {"off": dict(seg), "on": dict(seg, tokens_per_s=tps / 2, tokens_per_s_best=tps / 2),
+            "checkpoint": {"bytes": 10}}
+
+
+def test_ratios_pair_runs_of_the_same_repeat_so_drift_cancels(tmp_path):
+    # The machine runs 3x faster in repeat 1 and 2x in repeat 2; within each repeat neutral_residues is 1.1x
+    # finetune, except repeat 0, where it ran while the machine sped up. Medians of the per-method figures
+    # would say 250 / 200 = 1.25; the pairs say 1.1.
+    b = _bench(tmp_path, 3)
+    for r, (ft, nr, lora, hf) in enumerate([(100, 250, 120, 100), (300, 330, 360, 300), (200, 220, 240, 240)]):
+        b.runs[(r, "finetune")], b.runs[(r, "neutral_residues")], b.runs[(r, "lora")] = _run(ft), _run(nr), _run(lora)
+        b.peer_runs[(r, "hf")] = {"tokens_per_s": hf, "lora_rank": 4}
+    b.runs[(3, "neutral_residues")] = _run(1000)  # its finetune failed: no pair, no vote
+    b.collect_throughput()
+    nr = b.res["train"]["neutral_residues"]
+    assert nr["off"]["ratio_vs_finetune"] == pytest.approx(1.1)
+    assert nr["off"]["ratio_vs_finetune_per_repeat"] == pytest.approx([2.5, 1.1, 1.1])
+    assert nr["on"]["ratio_vs_finetune"] == pytest.approx(1.1)
+    assert nr["off"]["tokens_per_s_per_repeat"] == [250, 330, 220, 1000]
+    assert b.res["train"]["finetune"]["off"]["ratio_vs_finetune"] == 1.0
+    peer = b.res["peer"]
+    assert peer["ratio_per_repeat"] == pytest.approx([1.2, 1.2, 1.0]) and peer["ratio"] == pytest.approx(1.2)
+    assert peer["hf"]["tokens_per_s"] == 240 and peer["hf"]["lora_rank"] == 4
+    assert "ratio_vs_hf_deepspeed" not in peer  # not run, not invented
+    with pytest.raises(ValueError, match="no repeat"):
+        bench.paired_ratio({0: 1.0}, {1: 1.0})
+
+
+def test_each_repeat_runs_the_pairs_side_by_side_and_odd_repeats_reverse(tmp_path):
+    names = [name for name, _ in _bench(tmp_path, 2).launches()]
+    first = [f"train {m} (repeat 0)" for m in METHODS] + ["peer: HF Trainer + PEFT (repeat 0)",
+                                                          "peer: HF Trainer + PEFT + DeepSpeed (repeat 0)"]
+    assert names[:6] == first
+    assert names[6:12] == [n.replace("repeat 0", "repeat 1") for n in first[::-1]]
+    assert names[12:] == ["ZeRO-2 at 2 ranks", "ZeRO-3 at 2 ranks"]
+    assert list(METHODS[:2]) == ["neutral_residues", "finetune"] and METHODS[-1] == "lora"
+
+
 # ----------------------------------------------------------------------------- plan, targets, report
 
 

@@ -52,6 +52,9 @@ class Bench:
         self.size, self.device, self.work, self.threads = size, device, work, threads
         self.repeats, self.peer_deepspeed, self.profile, self.jobs = repeats, peer_deepspeed, profile, jobs
         self.runs: dict[tuple[int, str], dict] = {}
+        """(repeat, method) -> its off/on/checkpoint summaries."""
+        self.peer_runs: dict[tuple[int, str], dict] = {}
+        """(repeat, "hf" | "hf_deepspeed") -> that peer launch's result."""
         self.env = subprocess_env(device, threads)
         self.res: dict = {"meta": self._meta(), "errors": {}}
         self.data: dict = {}
@@ -125,19 +128,38 @@ class Bench:
         self.runs[(repeat, method)] = {"off": s_off, "on": s_on, "checkpoint": ckpt}
 
     def collect_throughput(self) -> None:
-        """Median over repeats per (method, checkpointing); checkpoint figures from the first repeat."""
+        """Medians over repeats per (method, checkpointing), and every ratio as a median of per-repeat
+        ratios: each pair ran minutes apart, so a machine whose speed drifts over the run moves both
+        sides of a pair together and the pair's ratio stays true (a ratio of medians would not)."""
         train, ckpts = self.res.setdefault("train", {}), self.res.setdefault("checkpoint", {})
+        rates: dict[tuple[str, str], dict[int, float]] = {}
         for (repeat, method), by in sorted(self.runs.items()):
-            if method not in ckpts:
-                ckpts[method] = by["checkpoint"]
+            ckpts.setdefault(method, by["checkpoint"])  # the first repeat's: sizes do not drift
             for ck in ("off", "on"):
-                runs = [self.runs[(r, method)][ck] for r in range(self.repeats) if (r, method) in self.runs]
-                agg = dict(runs[0])
-                agg["tokens_per_s"] = statistics.median(x["tokens_per_s"] for x in runs)
-                agg["tokens_per_s_best"] = max(x["tokens_per_s_best"] for x in runs)
-                agg["tokens_per_s_per_repeat"] = [x["tokens_per_s"] for x in runs]
-                agg["peak_mem_gb"] = max(x["peak_mem_gb"] for x in runs)
-                train.setdefault(method, {})[ck] = agg
+                rates.setdefault((method, ck), {})[repeat] = by[ck]["tokens_per_s"]
+        for (method, ck), per_repeat in rates.items():
+            runs = [self.runs[(r, method)][ck] for r in sorted(per_repeat)]
+            agg = dict(runs[0])
+            agg["tokens_per_s"] = statistics.median(per_repeat.values())
+            agg["tokens_per_s_best"] = max(x["tokens_per_s_best"] for x in runs)
+            agg["tokens_per_s_per_repeat"] = [per_repeat[r] for r in sorted(per_repeat)]
+            agg["peak_mem_gb"] = max(x["peak_mem_gb"] for x in runs)
+            ref = rates.get(("finetune", ck))
+            if ref:
+                agg["ratio_vs_finetune"], agg["ratio_vs_finetune_per_repeat"] = paired_ratio(per_repeat, ref)
+            train.setdefault(method, {})[ck] = agg
+
+        peer, ours = self.res.setdefault("peer", {}), rates.get(("lora", "off"))
+        for name, key in (("hf", "ratio"), ("hf_deepspeed", "ratio_vs_hf_deepspeed")):
+            per_repeat = {r: run for (r, n), run in sorted(self.peer_runs.items()) if n == name}
+            if not per_repeat:
+                continue
+            tps = {r: run["tokens_per_s"] for r, run in per_repeat.items()}
+            first = per_repeat[min(per_repeat)]
+            peer[name] = {**first, "tokens_per_s": statistics.median(tps.values()),
+                          "tokens_per_s_per_repeat": [tps[r] for r in sorted(tps)]}
+            if ours:
+                peer[key], peer[f"{key}_per_repeat"] = paired_ratio(ours, tps)
 
     def run_train(self, job: TrainJob) -> dict:
         log(f"  train {job.name} ({job.nproc} rank{'s' if job.nproc > 1 else ''})")
@@ -145,29 +167,30 @@ class Bench:
         log(f"  train {job.name}: {run['seconds']:.0f}s, load average {run['load_avg_end']:.1f}")
         return run
 
-    def peer(self, name: str) -> None:
+    def peer(self, repeat: int, name: str) -> None:
         """HF Trainer + PEFT on our lora config (`hf`), or with DeepSpeed and our resolved JSON (`hf_deepspeed`)."""
         from .bench_plan import base_config
         from .config import load_config
         from .ds_config import build_ds_config
 
-        cfg = base_config(self.size, self.data, self.work / "runs" / f"peer_{name}", "lora", self.size.steps)
-        cfg_path = write_config(cfg, self.work / "configs" / f"peer_{name}.yaml")
-        out = self.work / f"peer_{name}.json"
+        root = self.work / f"repeat{repeat}"
+        cfg = base_config(self.size, self.data, root / "runs" / f"peer_{name}", "lora", self.size.steps)
+        cfg_path = write_config(cfg, root / "configs" / f"peer_{name}.yaml")
+        out = root / f"peer_{name}.json"
         cmd = [sys.executable, "-m", "trainer.bench_peer", str(cfg_path), "--out", str(out), "--device", self.device]
         if name == "hf_deepspeed":
             ds = build_ds_config(load_config(cfg_path), 1, self.device == "cuda")
-            ds_path = self.work / "configs" / "peer_ds.json"
+            ds_path = root / "configs" / "peer_ds.json"
             ds_path.write_text(json.dumps(ds, indent=2))
             cmd += ["--deepspeed", str(ds_path)]
-        log(f"  peer {name}")
-        launch(cmd, self.env, self.work / "logs" / f"peer_{name}.log", self.size.timeout_s)
+        log(f"  peer {name} (repeat {repeat})")
+        launch(cmd, self.env, root / "logs" / f"peer_{name}.log", self.size.timeout_s)
         r = json.loads(out.read_text())
         tokens = self.size.global_batch * self.size.seq_len
         rates = [tokens / sec for sec in r.pop("step_seconds")][self.size.warmup:]
         windows = window_rates(rates, self.size.window)
-        self.res.setdefault("peer", {})[name] = {**r, "tokens_per_s": statistics.median(windows),
-                                                 "windows": [round(w, 2) for w in windows]}
+        self.peer_runs[(repeat, name)] = {**r, "tokens_per_s": statistics.median(windows),
+                                          "windows": [round(w, 2) for w in windows]}
 
     def zero(self, job: TrainJob) -> None:
         """One 2-rank run: per-rank peak RSS sampled from outside, the rest from its metrics."""
@@ -231,18 +254,12 @@ class Bench:
             for ck, r in by_ck.items():
                 ref = train.get("finetune", {}).get(ck)
                 if ref:
-                    r["ratio_vs_finetune"] = r["tokens_per_s"] / ref["tokens_per_s"]
                     r["ratio_vs_finetune_best"] = r["tokens_per_s_best"] / ref["tokens_per_s_best"]
                     r["expected_ratio"] = ref["flops_per_token"] / r["flops_per_token"] if method != "finetune" else 1.0
         nr = train.get("neutral_residues", {}).get("off")
         if nr:
             res["model_flops"]["expected_speedup_no_ckpt"] = expected_speedup(shape, s.seq_len,
                                                                               nr["params"]["trainable"], False)
-        peer, ours = res.get("peer") or {}, train.get("lora", {}).get("off")
-        if ours:
-            for name, key in (("hf", "ratio"), ("hf_deepspeed", "ratio_vs_hf_deepspeed")):
-                if (peer.get(name) or {}).get("tokens_per_s"):
-                    peer[key] = ours["tokens_per_s"] / peer[name]["tokens_per_s"]
         lo = res.get("loader")
         if lo and train:
             fastest = max(r["tokens_per_s"] for by_ck in train.values() for r in by_ck.values())
@@ -254,16 +271,20 @@ class Bench:
         res["meta"]["load_avg_end"] = round(os.getloadavg()[0], 2)
 
     def launches(self) -> list[tuple[str, Callable[[], None]]]:
-        """Every subprocess measurement, as independent tasks. Interleaved by repeat, so a change
-        of machine load over the run spreads over all methods instead of landing on one."""
+        """Every subprocess measurement, as independent tasks. Each repeat runs every method (in
+        METHODS order) then the HF peers, so the pairs whose ratio is a target run side by side;
+        odd repeats run in reverse, so a steady drift of machine speed favours each side of a pair
+        equally often."""
         tasks = []
         for r in range(self.repeats):
-            for off, on in throughput_jobs(self.size, self.data, self.work / f"repeat{r}"):
-                tasks.append((f"train {off.config['method']['name']} (repeat {r})",
-                              functools.partial(self.method_pair, r, off, on)))
-        tasks.append(("peer: HF Trainer + PEFT", functools.partial(self.peer, "hf")))
-        if self.peer_deepspeed:
-            tasks.append(("peer: HF Trainer + PEFT + DeepSpeed", functools.partial(self.peer, "hf_deepspeed")))
+            repeat = [(f"train {off.config['method']['name']} (repeat {r})",
+                       functools.partial(self.method_pair, r, off, on))
+                      for off, on in throughput_jobs(self.size, self.data, self.work / f"repeat{r}")]
+            repeat.append((f"peer: HF Trainer + PEFT (repeat {r})", functools.partial(self.peer, r, "hf")))
+            if self.peer_deepspeed:
+                repeat.append((f"peer: HF Trainer + PEFT + DeepSpeed (repeat {r})",
+                               functools.partial(self.peer, r, "hf_deepspeed")))
+            tasks += repeat[::-1] if r % 2 else repeat
         for job in zero_jobs(self.size, self.data, self.work):
             tasks.append((f"ZeRO-{job.name[-1]} at 2 ranks", functools.partial(self.zero, job)))
         if self.profile:
@@ -290,6 +311,14 @@ class Bench:
         self.stage("peak matmul (end)", lambda: self.peak("end"))
         self.derive()
         return self.res
+
+
+def paired_ratio(num: dict[int, float], den: dict[int, float]) -> tuple[float, list[float]]:
+    """Median over the repeats both sides ran of num[r] / den[r], and those per-repeat ratios."""
+    ratios = [num[r] / den[r] for r in sorted(num) if r in den]
+    if not ratios:
+        raise ValueError("no repeat measured both sides of the ratio")
+    return statistics.median(ratios), ratios
 
 
 def plan_commands(size: BenchSize, work: Path) -> list[str]:

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-METHODS = ("neutral_residues", "adapters", "lora", "finetune")
+# Also the order each repeat runs them in: the pairs whose ratio is a target side by side in time
+# (neutral_residues with finetune; lora last, next to the HF peers that follow it).
+METHODS = ("neutral_residues", "finetune", "adapters", "lora")
 
 
 @dataclass(frozen=True)

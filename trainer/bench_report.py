@@ -61,6 +61,10 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _series(values: Optional[list]) -> str:
+    return ", ".join(f"{v:.2f}" for v in values) if values else "—"
+
+
 def _table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_fmt(c) if not isinstance(c, str) else c for c in r) + " |" for r in rows]
@@ -89,24 +93,28 @@ def markdown(res: dict) -> str:
     for m in METHODS:
         for ck in ("off", "on"):
             r = _get(res, f"train.{m}.{ck}") or {}
-            rows.append([m, ck, r.get("tokens_per_s"), r.get("ratio_vs_finetune"), r.get("tokens_per_s_best"),
+            rows.append([m, ck, r.get("tokens_per_s"), r.get("ratio_vs_finetune"),
+                         _series(r.get("ratio_vs_finetune_per_repeat")), r.get("tokens_per_s_best"),
                          r.get("ratio_vs_finetune_best"), r.get("expected_ratio"), r.get("flops_per_token"),
                          r.get("mfu"), r.get("peak_mem_gb"), r.get("load_avg_end")])
     out += ["", f"### Training throughput (1 rank; peak matmul {_fmt(peak and peak / 1e9)} GFLOP/s)",
-            "tokens/s: median of windows (the figure); best: the fastest window (least disturbed by other load); "
-            "FLOPs ratio: finetune's FLOPs/token over the method's, the speed-up if time followed FLOPs; "
-            "FLOP util. counts the recompute when checkpointing.",
-            "", _table(["method", "act. ckpt", "tokens/s", "/ finetune", "best tokens/s", "best / finetune",
+            "tokens/s: median over repeats of each run's median window; / finetune: median over repeats of the "
+            "ratio to the finetune run of the same repeat (run next to it, so machine drift cancels); best: the "
+            "fastest window (least disturbed by other load); FLOPs ratio: finetune's FLOPs/token over the "
+            "method's, the speed-up if time followed FLOPs; FLOP util. counts the recompute when checkpointing.",
+            "", _table(["method", "act. ckpt", "tokens/s", "/ finetune", "per repeat", "best tokens/s",
+                        "best / finetune",
                         "FLOPs ratio", "FLOPs/token", "FLOP util.", "peak mem GB", "load avg"], rows)]
 
     peer = res.get("peer") or {}
-    prow = [["ours (trainer lora)", _get(res, "train.lora.off.tokens_per_s"), 1.0],
-            ["HF Trainer + PEFT", _get(peer, "hf.tokens_per_s"), peer.get("ratio")]]
+    prow = [["ours (trainer lora)", _get(res, "train.lora.off.tokens_per_s"), 1.0, ""],
+            ["HF Trainer + PEFT", _get(peer, "hf.tokens_per_s"), peer.get("ratio"),
+             _series(peer.get("ratio_per_repeat"))]]
     if "hf_deepspeed" in peer:
         prow.append(["HF Trainer + PEFT + DeepSpeed", _get(peer, "hf_deepspeed.tokens_per_s"),
-                     peer.get("ratio_vs_hf_deepspeed")])
-    out += ["", "### Peer comparison (LoRA, same data/batch/steps)",
-            _table(["trainer", "tokens/s", "ours / it"], prow)]
+                     peer.get("ratio_vs_hf_deepspeed"), _series(peer.get("ratio_vs_hf_deepspeed_per_repeat"))])
+    out += ["", "### Peer comparison (LoRA, same data/batch/steps; each repeat runs HF right after our lora)",
+            _table(["trainer", "tokens/s", "ours / it", "per repeat"], prow)]
     if _get(peer, "hf_deepspeed.skipped"):
         out.append(f"HF Trainer + DeepSpeed: skipped ({peer['hf_deepspeed']['skipped']})")
 
