@@ -114,10 +114,12 @@ _READ = {"n": 0}
 def read_mds(path: Path) -> list[dict]:
     """All samples of an MDS dir in index order, read the way the trainer reads a stream."""
     from streaming import Stream, StreamingDataset
-    from streaming.base.util import clean_stale_shared_memory
 
-    clean_stale_shared_memory()
-    ds = StreamingDataset(streams=[Stream(local=str(path))], batch_size=1, shuffle=False, num_canonical_nodes=1)
+    from trainer.shm import clean_stale_shm, registering
+
+    clean_stale_shm()
+    with registering():
+        ds = StreamingDataset(streams=[Stream(local=str(path))], batch_size=1, shuffle=False, num_canonical_nodes=1)
     samples = [ds[i] for i in range(ds.num_samples)]
     del ds
     return samples

@@ -46,15 +46,16 @@ def peer_model(cfg):
 def peer_dataset(cfg):
     """The trainer's mixture (same streams and proportions), as an iterable dataset."""
     from streaming import Stream, StreamingDataset
-    from streaming.base.util import clean_stale_shared_memory
 
     from .data import stream_proportions
+    from .shm import clean_stale_shm, registering
 
-    clean_stale_shared_memory()
+    clean_stale_shm()
     props = stream_proportions(cfg)
     streams = [Stream(local=s.train, proportion=props[s.domain]) for s in cfg.data.streams if s.domain in props]
-    return StreamingDataset(streams=streams, batch_size=cfg.train.micro_batch_size, shuffle=cfg.data.shuffle,
-                            shuffle_seed=cfg.train.seed, num_canonical_nodes=cfg.data.num_canonical_nodes)
+    with registering():
+        return StreamingDataset(streams=streams, batch_size=cfg.train.micro_batch_size, shuffle=cfg.data.shuffle,
+                                shuffle_seed=cfg.train.seed, num_canonical_nodes=cfg.data.num_canonical_nodes)
 
 
 def collate(samples: list[dict]) -> dict:

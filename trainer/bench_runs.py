@@ -97,8 +97,9 @@ class RssSampler:
         return dict(sorted(self.peak.items()))
 
 
-# streaming names its shared memory by the lowest free prefix; two processes starting at
-# the same moment (another user's job on a shared machine) can both pick it, and one fails.
+# streaming names its shared memory by the lowest free prefix; two processes starting at the
+# same moment can both pick it, and one fails. Our own jobs take turns (shm.registering);
+# another user's job on a shared machine can still collide with one.
 SHM_RACE = ("FileExistsError", "_locals")
 
 

@@ -52,6 +52,11 @@ def default_cache_dir() -> str:
     return os.path.join(base, f"ext-trainer-{job}", "streaming")
 
 
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 @dataclass
 class LoaderState:
     """World-size-free position in the training stream (saved in checkpoints)."""
@@ -64,9 +69,10 @@ class TrainStream:
 
     def __init__(self, cfg: RunConfig, micro_batch: int, world_size: int):
         from streaming import Stream, StreamingDataLoader, StreamingDataset
-        from streaming.base.util import clean_stale_shared_memory
 
-        clean_stale_shared_memory()
+        from .shm import clean_stale_shm, registering
+
+        clean_stale_shm()
         props = stream_proportions(cfg)
         cache = cfg.data.cache_dir or default_cache_dir()
         streams = []
@@ -82,9 +88,10 @@ class TrainStream:
         self.micro_batch, self.world_size = micro_batch, world_size
         self.num_canonical_nodes = cfg.data.num_canonical_nodes
         self.seed = cfg.train.seed
-        self.dataset = StreamingDataset(
-            streams=streams, batch_size=micro_batch, shuffle=cfg.data.shuffle, shuffle_seed=cfg.train.seed,
-            num_canonical_nodes=cfg.data.num_canonical_nodes)
+        with registering(barrier=_barrier):
+            self.dataset = StreamingDataset(
+                streams=streams, batch_size=micro_batch, shuffle=cfg.data.shuffle, shuffle_seed=cfg.train.seed,
+                num_canonical_nodes=cfg.data.num_canonical_nodes)
         self.loader = StreamingDataLoader(self.dataset, batch_size=micro_batch, drop_last=True,
                                           num_workers=cfg.data.num_workers, collate_fn=collate)
         self.state = LoaderState()
