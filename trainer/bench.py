@@ -36,8 +36,8 @@ from typing import Callable
 
 from .bench_plan import SIZES, BenchSize, PlanError, TrainJob, check_device, profile_jobs, throughput_jobs, \
     zero_jobs
-from .bench_runs import ROOT, BenchRunError, checkpoint_contents, latest_checkpoint, launch, read_metrics, run_job, \
-    segments, subprocess_env, summarize_segment, window_rates, write_config
+from .bench_runs import ROOT, BenchRunError, checkpoint_contents, latest_checkpoint, launch, paired_ratio, read_metrics, \
+    run_job, segments, subprocess_env, summarize_segment, window_rates, write_config
 
 
 def log(msg: str) -> None:
@@ -128,9 +128,7 @@ class Bench:
         self.runs[(repeat, method)] = {"off": s_off, "on": s_on, "checkpoint": ckpt}
 
     def collect_throughput(self) -> None:
-        """Medians over repeats per (method, checkpointing), and every ratio as a median of per-repeat
-        ratios: each pair ran minutes apart, so a machine whose speed drifts over the run moves both
-        sides of a pair together and the pair's ratio stays true (a ratio of medians would not)."""
+        """Medians over repeats per (method, checkpointing); every ratio pairs the runs of one repeat."""
         train, ckpts = self.res.setdefault("train", {}), self.res.setdefault("checkpoint", {})
         rates: dict[tuple[str, str], dict[int, float]] = {}
         for (repeat, method), by in sorted(self.runs.items()):
@@ -311,14 +309,6 @@ class Bench:
         self.stage("peak matmul (end)", lambda: self.peak("end"))
         self.derive()
         return self.res
-
-
-def paired_ratio(num: dict[int, float], den: dict[int, float]) -> tuple[float, list[float]]:
-    """Median over the repeats both sides ran of num[r] / den[r], and those per-repeat ratios."""
-    ratios = [num[r] / den[r] for r in sorted(num) if r in den]
-    if not ratios:
-        raise ValueError("no repeat measured both sides of the ratio")
-    return statistics.median(ratios), ratios
 
 
 def plan_commands(size: BenchSize, work: Path) -> list[str]:

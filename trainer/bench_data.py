@@ -9,7 +9,8 @@ Data path, two ratios measured in this process:
 - data_prep: `data_prep.build` (clean, dedup, tokenize, pack, write MDS) with one
   worker, over standard-library text, against the raw HF fast tokenizer
   encoding the same documents in batches. Both single-threaded
-  (TOKENIZERS_PARALLELISM=false): the figure is per worker.
+  (TOKENIZERS_PARALLELISM=false): the figure is per worker. Rates shown are the
+  best of each; the ratio is the median of side-by-side pairs.
 - loader: `trainer.data.TrainStream`, the trainer's own StreamingDataLoader
   mixture, drained as fast as it goes, against what training consumes.
 """
@@ -86,15 +87,14 @@ def data_prep_rate(corpus: Path, tokenizer_dir: Path, out: Path, seq_len: int) -
             "samples": sum(st["samples"] for st in res.splits.values())}
 
 
-def data_path(root: Path, size: BenchSize, repeats: int = 2) -> dict:
-    """data_prep and raw tokenizer rates, alternated `repeats` times; best of each.
-
-    Alternating and keeping the best of each cancels most of a shared machine's
-    load changes, which would otherwise land on whichever ran second.
-    """
+def data_path(root: Path, size: BenchSize, repeats: int = 5) -> dict:
+    """data_prep and raw tokenizer rates, alternated `repeats` times; the ratio pairs each build
+    with the tokenizer run just before it (each takes about a second, which a shared machine's
+    load can change by 20%)."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from data_prep.train_tokenizer import train_tokenizer
 
+    from .bench_runs import paired_ratio
     from .demo_corpus import build_corpus
 
     corpus = build_corpus(root / "corpus", max_files=size.corpus_files)
@@ -105,10 +105,12 @@ def data_path(root: Path, size: BenchSize, repeats: int = 2) -> dict:
     for r in range(repeats):
         raws.append(raw_tokenizer_rate(tok_dir, texts))
         preps.append(data_prep_rate(corpus["code"], tok_dir, root / f"prep{r}", size.seq_len))
-    raw = max(raws, key=lambda x: x["tokens_per_s"])
-    prep = max(preps, key=lambda x: x["tokens_per_s"])
+    ratio, per_repeat = paired_ratio({r: x["tokens_per_s"] for r, x in enumerate(preps)},
+                                     {r: x["tokens_per_s"] for r, x in enumerate(raws)})
     return {"corpus_bytes": corpus["code"].stat().st_size, "docs": len(texts),
-            "raw_tokenizer": raw, "data_prep": prep, "ratio": prep["tokens_per_s"] / raw["tokens_per_s"]}
+            "raw_tokenizer": max(raws, key=lambda x: x["tokens_per_s"]),
+            "data_prep": max(preps, key=lambda x: x["tokens_per_s"]), "ratio": ratio,
+            "ratio_per_repeat": per_repeat}
 
 
 # ----------------------------------------------------------------------------- loader

@@ -145,7 +145,9 @@ def markdown(res: dict) -> str:
                 ["data_prep build, 1 worker (tokens/s)", _get(d, "data_prep.tokens_per_s"),
                  _get(d, "raw_tokenizer.tokens_per_s"), d.get("ratio")],
                 ["StreamingDataLoader (samples/s)", lo.get("samples_per_s"), lo.get("train_samples_per_s"),
-                 lo.get("ratio")]])]
+                 lo.get("ratio")]]),
+            f"rates: the best of each; data_prep ratio: median of side-by-side pairs "
+            f"({_series(d.get('ratio_per_repeat'))})"]
 
     prof = res.get("profile") or {}
     for name, p in prof.items():

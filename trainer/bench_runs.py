@@ -164,6 +164,18 @@ def segments(records: list[dict]) -> list[list[dict]]:
     return out
 
 
+def paired_ratio(num: dict[int, float], den: dict[int, float]) -> tuple[float, list[float]]:
+    """Median over the repeats both sides ran of num[r] / den[r], and those per-repeat ratios.
+
+    Each pair ran side by side, so a machine whose speed drifts over the run moves both sides of a
+    pair together and the pair's ratio stays true (a ratio of per-side medians would not).
+    """
+    ratios = [num[r] / den[r] for r in sorted(num) if r in den]
+    if not ratios:
+        raise ValueError("no repeat measured both sides of the ratio")
+    return statistics.median(ratios), ratios
+
+
 def window_rates(step_rates: list[float], window: int) -> list[float]:
     """tokens/s of consecutive windows of `window` steps (equal tokens per step).
 

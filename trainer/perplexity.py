@@ -17,9 +17,15 @@ from . import dist
 
 
 def token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """(B, T, V) logits, (B, T) ids -> (B, T-1) next-token NLL in nats, in float32."""
-    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), input_ids[:, 1:].flatten(),
-                           reduction="none").view(input_ids.shape[0], -1)
+    """(B, T, V) logits, (B, T) ids -> (B, T-1) next-token NLL in nats, in float32.
+
+    The targets are shifted, not the logits (as HF's own loss does): `logits[:, :-1]` would copy
+    the largest activation of the step, forward and backward. The last position gets
+    ignore_index and is dropped from the result.
+    """
+    targets = F.pad(input_ids[:, 1:], (0, 1), value=-100)
+    nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none", ignore_index=-100)
+    return nll.view(input_ids.shape)[:, :-1]
 
 
 def predicted_bytes(num_bytes: torch.Tensor, seq_len: int) -> torch.Tensor:
