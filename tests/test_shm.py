@@ -19,7 +19,7 @@ from mds_fixtures import write_mds
 from trainer.shm import SHM_DIR, clean_stale_shm
 
 pytestmark = [pytest.mark.slow,  # each test starts several processes that import streaming (~10 s each)
-              pytest.mark.skipif(not SHM_DIR.is_dir(), reason="POSIX shared memory is listed in /dev/shm on Linux only")]
+              pytest.mark.skipif(not SHM_DIR.is_dir(), reason="POSIX shared memory is in /dev/shm on Linux only")]
 
 # A streaming job: prints its segment names, then reads epochs until stdin closes (exit 0) or it is killed.
 JOB = """

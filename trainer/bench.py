@@ -36,8 +36,8 @@ from typing import Callable
 
 from .bench_plan import SIZES, BenchSize, PlanError, TrainJob, check_device, profile_jobs, throughput_jobs, \
     zero_jobs
-from .bench_runs import ROOT, BenchRunError, checkpoint_contents, latest_checkpoint, launch, paired_ratio, read_metrics, \
-    run_job, segments, subprocess_env, summarize_segment, window_rates, write_config
+from .bench_runs import ROOT, BenchRunError, checkpoint_contents, latest_checkpoint, launch, paired_ratio, \
+    read_metrics, run_job, segments, subprocess_env, summarize_segment, window_rates, write_config
 
 
 def log(msg: str) -> None:
@@ -332,8 +332,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m trainer bench", description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu")
     ap.add_argument("--size", choices=tuple(SIZES), default="small",
-                    help="tiny: CI smoke (figures only); small: a CPU measurement (~10 min on 2 idle cores, "
-                         "~30 min on a loaded machine); 1b: GPU only")
+                    help="tiny: CI smoke (figures only); small: a CPU measurement (~8 min per repeat on 2 idle cores, "
+                         "~25 on a loaded machine); 1b: GPU only")
     ap.add_argument("--out", type=Path, default=None, help="JSON result file (default: runs/bench/SIZE-DEVICE.json)")
     ap.add_argument("--threads", type=int, default=None,
                     help="intra-op threads per training process (default: torch's, i.e. the physical cores); "

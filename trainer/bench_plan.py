@@ -67,8 +67,8 @@ SIZES = {
     "tiny": BenchSize("tiny", _llama(64, 172, 2, 4, 2, 256, 64), seq_len=64, micro_batch=2, global_batch=4,
                       warmup=1, timed=4, window=2, zero_timed=2, matmul_n=512, corpus_files=20,
                       tokenizer_vocab=512, peer_deepspeed=False, timeout_s=900),
-    # A realistic CPU measurement (~10 min on 2 idle cores, ~30 at load 3-5). The vocabulary keeps the LM head at
-    # ~1/4 of the matmul parameters, about its share in a 1B Llama.
+    # A realistic CPU measurement (~8 min per repeat on 2 idle cores, ~25 at load 3-5). The vocabulary keeps
+    # the LM head at ~1/4 of the matmul parameters, about its share in a 1B Llama.
     "small": BenchSize("small", _llama(256, 688, 4, 4, 4, 4096, 256), seq_len=256, micro_batch=4, global_batch=8,
                        warmup=5, timed=15, window=3, zero_timed=3, matmul_n=2048, corpus_files=200,
                        tokenizer_vocab=4096),
