@@ -10,11 +10,27 @@ from launch import ROOT, env
 pytestmark = pytest.mark.slow
 
 
-def test_quick_demo_shows_less_forgetting_with_neutral_residues(tmp_path):
-    out = tmp_path / "demo"
-    p = subprocess.run([sys.executable, "-m", "trainer", "demo", "--quick", "--jobs", "2", "--out", str(out)],
+def run_demo(out, *args) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, "-m", "trainer", "demo", "--quick", "--jobs", "2", "--out", str(out), *args],
                        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=1500)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return out, run_demo(out)
+
+
+def bpb_table(out) -> dict:
+    report = json.loads((out / "report.json").read_text())
+    table = {r["method"]: {d: r["eval"][d]["bpb"] for d in ("en", "code")} for r in report["rows"]}
+    return {**table, "backbone": {d: report["backbone"][d]["bpb"] for d in ("en", "code")}}
+
+
+def test_quick_demo_shows_less_forgetting_with_neutral_residues(quick_demo):
+    out, p = quick_demo
     assert (out / "report.md").is_file() and (out / "tradeoff.png").stat().st_size > 10_000
     rows = {r["method"]: r for r in json.loads((out / "report.json").read_text())["rows"]}
     backbone = json.loads((out / "report.json").read_text())["backbone"]
@@ -34,3 +50,18 @@ def test_quick_demo_shows_less_forgetting_with_neutral_residues(tmp_path):
     again = subprocess.run([sys.executable, "-m", "trainer", "demo", "--quick", "--out", str(out)], cwd=ROOT,
                            env=env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count(": cached") == 9, again.stdout[-2000:]
+
+
+@pytest.mark.distributed
+def test_quick_demo_on_two_ranks_per_job_gives_the_one_rank_table(quick_demo, tmp_path):
+    """Two jobs of 2 ranks side by side: the ranks of each job and the two jobs share the node's
+    shared memory (streaming registration, DeepSpeed's CPU all-reduce), and the sample order does
+    not depend on the number of ranks, so the table is the 1-rank one up to float reduction order."""
+    out = tmp_path / "demo2"
+    run_demo(out, "--nproc", "2")
+    assert "world size 2" in (out / "logs" / "neutral_residues.log").read_text()
+    one, two = bpb_table(quick_demo[0]), bpb_table(out)
+    assert one.keys() == two.keys()
+    for run in one:
+        for d in ("en", "code"):
+            assert two[run][d] == pytest.approx(one[run][d], abs=1e-3), (run, d, one[run], two[run])
