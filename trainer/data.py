@@ -52,11 +52,6 @@ def default_cache_dir() -> str:
     return os.path.join(base, f"ext-trainer-{job}", "streaming")
 
 
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 @dataclass
 class LoaderState:
     """World-size-free position in the training stream (saved in checkpoints)."""
@@ -88,7 +83,7 @@ class TrainStream:
         self.micro_batch, self.world_size = micro_batch, world_size
         self.num_canonical_nodes = cfg.data.num_canonical_nodes
         self.seed = cfg.train.seed
-        with registering(barrier=_barrier):
+        with registering():
             self.dataset = StreamingDataset(
                 streams=streams, batch_size=micro_batch, shuffle=cfg.data.shuffle, shuffle_seed=cfg.train.seed,
                 num_canonical_nodes=cfg.data.num_canonical_nodes)

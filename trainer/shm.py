@@ -25,7 +25,7 @@ import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Iterator
 
 SHM_DIR = Path("/dev/shm")
 # DeepSpeed's name for them (ops/csrc/cpu/comm/shm.cpp); streaming's come from streaming.base.constant.
@@ -92,16 +92,19 @@ def clean_stale_shm() -> list[str]:
 
 
 @contextmanager
-def registering(barrier: Optional[Callable[[], None]] = None) -> Iterator[None]:
+def registering() -> Iterator[None]:
     """Build a StreamingDataset inside this: no other job of this user on the node registers meanwhile.
 
     The node's local leader (the rank that registers the prefix) holds a lock in /dev/shm, which
     every job on the node sees, unlike a per-job $TMPDIR. Every rank searches for the prefix on its
-    own and must find the leader's, so all of them wait (`barrier`) until the leader holds the lock.
+    own and must find the leader's, so all of them wait at a barrier until the leader holds the
+    lock (a no-op in a single process).
     One lock per user: another user's file in a sticky dir could not be opened for writing.
     """
     from filelock import FileLock
     from streaming.base.world import World
+
+    from .dist import barrier
 
     lock = None
     if World.detect().is_local_leader:
@@ -109,8 +112,7 @@ def registering(barrier: Optional[Callable[[], None]] = None) -> Iterator[None]:
         lock = FileLock(str(root / f"trainer-streaming-{os.getuid()}.lock"))
         lock.acquire()
     try:
-        if barrier is not None:
-            barrier()
+        barrier()
         yield
     finally:
         if lock is not None:
