@@ -1,7 +1,8 @@
 # The two set-up commands of the README:
 #   make demo   -- the CPU quickstart (creates .venv on first use)
 #   make test   -- the test suite
-# On a cluster, activate your own environment and use `python -m trainer ...` directly.
+# On a cluster, `pip install .` into your own environment and use `neutral-residues ...`
+# (or `python -m trainer ...`) from any directory.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
@@ -10,7 +11,7 @@ PYTEST_ARGS ?=
 
 env: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -r requirements.txt

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from trainer.dist import free_port  # noqa: F401 - the tests import it from here, next to the launchers
+from trainer.engine.dist import free_port  # noqa: F401 - the tests import it from here, next to the launchers
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,9 +6,9 @@ import torch
 from safetensors.torch import load_file
 
 from tiny_models import FAMILIES, one_thread, random_batch, tiny_model, train_steps  # noqa: F401
-from trainer.adapters_io import CONFIG_NAME, WEIGHTS_NAME, load_adapters, save_adapters
+from trainer.export.adapters_io import CONFIG_NAME, WEIGHTS_NAME, load_adapters, save_adapters
 from trainer.config import METHODS, MethodConfig
-from trainer.extend import count_parameters, extend_model, get_extension
+from trainer.method.extend import count_parameters, extend_model, get_extension
 
 MIXED = torch.tensor([[True], [False]])
 

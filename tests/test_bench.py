@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from launch import ROOT, env
-from trainer import bench
-from trainer.bench_flops import ModelShape, expected_speedup, flops_per_token, peak_matmul_flops
-from trainer.bench_plan import METHODS, SIZES, throughput_jobs, zero_jobs
-from trainer.bench_profile import category, summarize
-from trainer.bench_report import markdown, missing_figures, targets
-from trainer.bench_runs import checkpoint_contents, segments, summarize_segment, window_rates
+from trainer.bench import cli as bench
+from trainer.bench.flops import ModelShape, expected_speedup, flops_per_token, peak_matmul_flops
+from trainer.bench.plan import METHODS, SIZES, throughput_jobs, zero_jobs
+from trainer.bench.profile import category, summarize
+from trainer.bench.report import markdown, missing_figures, targets
+from trainer.bench.runs import checkpoint_contents, segments, summarize_segment, window_rates
 from trainer.config import load_config
 
 TINY = SIZES["tiny"]

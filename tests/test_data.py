@@ -2,7 +2,7 @@
 import pytest
 
 from mds_fixtures import write_mds
-from trainer.data import ValSet
+from trainer.engine.data import ValSet
 
 
 @pytest.fixture(scope="module")

@@ -115,7 +115,7 @@ def read_mds(path: Path) -> list[dict]:
     """All samples of an MDS dir in index order, read the way the trainer reads a stream."""
     from streaming import Stream, StreamingDataset
 
-    from trainer.shm import clean_stale_shm, registering
+    from trainer.engine.shm import clean_stale_shm, registering
 
     clean_stale_shm()
     with registering():

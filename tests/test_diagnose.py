@@ -9,10 +9,10 @@ import torch
 from mds_fixtures import write_mds
 from tiny_models import tiny_model
 from trained_runs import shared_runs
-from trainer import diagnose
+from trainer.evaluation import diagnose
 from trainer.config import MethodConfig
-from trainer.data import ValSet
-from trainer.extend import adapter_blocks, extend_model
+from trainer.engine.data import ValSet
+from trainer.method.extend import adapter_blocks, extend_model
 
 
 def extended(method="neutral_residues"):

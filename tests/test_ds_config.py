@@ -4,7 +4,7 @@ import json
 import pytest
 
 from trainer.config import ConfigError, load_config
-from trainer.ds_config import batch_arithmetic, build_ds_config
+from trainer.engine.ds_config import batch_arithmetic, build_ds_config
 
 BASE = {
     "model": {"config": {"model_type": "llama"}},

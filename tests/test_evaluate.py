@@ -13,7 +13,7 @@ from launch import free_port, run, write_config
 from mds_fixtures import COLUMNS, tiny_run_config
 from tiny_models import random_batch, tiny_model
 from trained_runs import char_tokenizer, shared_runs
-from trainer import evaluate
+from trainer.evaluation import evaluate
 
 TASK = [{"context": "def add(a, b): return", "choices": ["a + b", "a - b", "print"], "label": 0},
         {"context": "The cat sat on the", "choices": ["mat", "integer overflow"], "label": 0},
@@ -121,7 +121,7 @@ def runs(tmp_path_factory):
 
 @pytest.mark.slow
 def test_eval_of_a_run_dir_reproduces_its_final_training_eval(runs, tmp_path):
-    from trainer.report import final_eval
+    from trainer.evaluation.report import final_eval
 
     run_dir = runs["runs"]["neutral_residues"]
     out = tmp_path / "eval.json"

@@ -74,10 +74,10 @@ def exported(runs, tmp_path_factory):
     """Every trained method exported with the CLI, plus each family's remote-code/merged dirs."""
     from transformers import AutoModelForCausalLM
 
-    from trainer import export
+    from trainer.export import export
     from trainer.config import MethodConfig
-    from trainer.extend import adapter_blocks, extend_model
-    from trainer.hf_export import save_with_remote_code
+    from trainer.method.extend import adapter_blocks, extend_model
+    from trainer.export.hf_export import save_with_remote_code
 
     root = tmp_path_factory.mktemp("exported")
     cases = {}
@@ -126,7 +126,7 @@ def test_full_hf_dir_gives_the_trained_logits_in_a_fresh_process(exported, name)
 
 @pytest.mark.slow
 def test_merged_adapters_widen_the_ffn_by_the_adapter_width(exported, runs):
-    from trainer.adapters_io import read_adapter_config
+    from trainer.export.adapters_io import read_adapter_config
 
     cfg = json.loads((exported["adapters"]["dir"] / "config.json").read_text())
     h = read_adapter_config(exported["adapters"]["dir"].parent / "adapters")["adapter_hidden_size"]
@@ -141,8 +141,8 @@ def test_adapters_only_file_round_trip_and_exact_keys(exported, runs, method):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from trainer.adapters_io import load_adapters
-    from trainer.extend import trainable_named_parameters
+    from trainer.export.adapters_io import load_adapters
+    from trainer.method.extend import trainable_named_parameters
 
     path = exported[method]["dir"].parent / "adapters"
     model = AutoModelForCausalLM.from_pretrained(runs["backbone"]).eval()
@@ -159,7 +159,7 @@ def test_hf_dir_in_bfloat16_is_half_the_size_and_close(exported, runs, tmp_path)
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from trainer import export
+    from trainer.export import export
 
     assert export.main([str(runs["runs"]["lora"]), "--out", str(tmp_path), "--only", "hf", "--dtype", "bfloat16"]) == 0
     assert not (tmp_path / "adapters").exists()
@@ -171,7 +171,7 @@ def test_hf_dir_in_bfloat16_is_half_the_size_and_close(exported, runs, tmp_path)
 
 @pytest.mark.slow
 def test_export_refuses_bad_input(runs, tmp_path, capsys):
-    from trainer import export
+    from trainer.export import export
 
     assert export.main([str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     assert "not a run directory" in capsys.readouterr().err
@@ -188,8 +188,8 @@ def test_export_refuses_bad_input(runs, tmp_path, capsys):
 def test_eval_runs_our_own_gated_export_but_not_edited_remote_code(exported, runs, tmp_path, capsys):
     import shutil
 
-    from trainer import evaluate
-    from trainer.report import final_eval
+    from trainer.evaluation import evaluate
+    from trainer.evaluation.report import final_eval
 
     src = exported["neutral_residues"]["dir"]
     data = [f"{d}={p['val']}" for d, p in runs["data"].items()]
@@ -239,7 +239,7 @@ def test_lm_eval_harness_loads_the_export_and_agrees_with_our_scoring(exported, 
     from lm_eval.tasks import TaskManager
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.mc import build_requests, load_items, metrics, score_requests
+    from trainer.evaluation.mc import build_requests, load_items, metrics, score_requests
 
     data = tmp_path / "tiny_mc.jsonl"
     data.write_text("".join(json.dumps(x) + "\n" for x in MC_ITEMS))
@@ -279,15 +279,15 @@ def zero3_worker(out: Path, stage: int, backbone: Path) -> None:
     import deepspeed
 
     from mds_fixtures import tiny_run_config
-    from trainer import dist
-    from trainer.adapters_io import save_adapters
+    from trainer.engine import dist
+    from trainer.export.adapters_io import save_adapters
     from trainer.config import load_config
-    from trainer.ds_config import build_ds_config
-    from trainer.extend import gathered, set_domain, trainable_named_parameters
-    from trainer.losses import local_loss
-    from trainer.model import build_model
-    from trainer.perplexity import token_nll
-    from trainer.train import seed_everything
+    from trainer.engine.ds_config import build_ds_config
+    from trainer.method.extend import gathered, set_domain, trainable_named_parameters
+    from trainer.method.losses import local_loss
+    from trainer.engine.model import build_model
+    from trainer.engine.perplexity import token_nll
+    from trainer.engine.train import seed_everything
 
     world = dist.init_distributed()
     spec = tiny_run_config(out, {"en": {}, "code": {}}, "neutral_residues", global_batch_size=4, micro_batch_size=2)
@@ -325,7 +325,7 @@ def zero3_worker(out: Path, stage: int, backbone: Path) -> None:
 def test_adapters_only_file_under_zero3_two_ranks_equals_one_process(tmp_path):
     from safetensors.torch import load_file
 
-    from trainer.export import trained_state
+    from trainer.export.export import trained_state
 
     from trained_runs import save_backbone
 

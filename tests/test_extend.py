@@ -10,9 +10,9 @@ import torch
 
 from tiny_models import FAMILIES, one_thread, random_batch, tiny_model, train_steps  # noqa: F401
 from trainer.config import METHODS, MethodConfig
-from trainer.extend import (ParallelAdapterMLP, adapter_blocks, count_parameters, enable_activation_checkpointing,
+from trainer.method.extend import (ParallelAdapterMLP, adapter_blocks, count_parameters, enable_activation_checkpointing,
                             extend_model, set_domain, trainable_named_parameters)
-from trainer.losses import local_loss
+from trainer.method.losses import local_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 MIXED = torch.tensor([[True], [False], [True], [False]])  # samples 0, 2 original; 1, 3 new
@@ -197,12 +197,12 @@ LR, ALPHA = 0.5, 10.0
 
 def _zero3_worker(work: str, method: str, reentrant: bool) -> None:
     """One rank: backbone partitioned by from_pretrained under HfDeepSpeedConfig, extended inside zero.Init
-    (as trainer/model.py does), checkpointed, 3 steps where rank 0 sees original and rank 1 new data."""
+    (as trainer/engine/model.py does), checkpointed, 3 steps where rank 0 sees original and rank 1 new data."""
     import deepspeed
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    from trainer.adapters_io import save_adapters
+    from trainer.export.adapters_io import save_adapters
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -247,7 +247,7 @@ def _data_parallel_reference(initial_adapters: Path, ids: torch.Tensor, with_loc
                              steps: int = 3) -> torch.Tensor:
     """What the 2 ranks must compute: the mean of both ranks' losses, one process, same SGD,
     from the same initial adapters (random inits differ between a zero.Init and a plain build)."""
-    from trainer.adapters_io import load_adapters
+    from trainer.export.adapters_io import load_adapters
 
     model = tiny_model("llama")
     cfg = load_adapters(model, initial_adapters)
@@ -272,7 +272,7 @@ def test_zero3_two_ranks_extend_train_save(tmp_path, method, reentrant):
     from launch import env, free_port
     from safetensors.torch import load_file
 
-    from trainer.adapters_io import load_adapters
+    from trainer.export.adapters_io import load_adapters
 
     tiny_model("llama").save_pretrained(tmp_path / "backbone")
     ids = random_batch(2, 16)

@@ -5,8 +5,8 @@ import torch.nn.functional as F
 
 from tiny_models import FAMILIES, one_thread, random_batch, tiny_model, train_steps  # noqa: F401
 from trainer.config import MethodConfig
-from trainer.extend import adapter_blocks, extend_model, set_domain, trainable_named_parameters
-from trainer.losses import layer_statistics, local_loss
+from trainer.method.extend import adapter_blocks, extend_model, set_domain, trainable_named_parameters
+from trainer.method.losses import layer_statistics, local_loss
 
 ALL_NEW = torch.zeros(4, 1, dtype=torch.bool)
 ALL_ORIG = torch.ones(4, 1, dtype=torch.bool)

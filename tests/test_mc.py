@@ -9,7 +9,7 @@ import torch
 
 from tiny_models import VOCAB, tiny_model
 from trained_runs import char_tokenizer
-from trainer.mc import (TaskError, build_requests, choose, encode_pair, evaluate_task, fewshot_pool, fewshot_prompt,
+from trainer.evaluation.mc import (TaskError, build_requests, choose, encode_pair, evaluate_task, fewshot_pool, fewshot_prompt,
                         load_items, metrics, score_requests)
 
 TOK = char_tokenizer()

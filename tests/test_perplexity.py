@@ -2,7 +2,7 @@
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from trainer.perplexity import token_nll
+from trainer.engine.perplexity import token_nll
 
 
 def test_token_nll_is_hfs_causal_lm_loss_per_token():

@@ -10,14 +10,14 @@ from transformers import AutoModelForCausalLM
 
 from test_readapt_delta import perturbed, save_pair
 from tiny_models import random_batch
-from trainer.adapters_io import load_adapters, save_adapters
+from trainer.export.adapters_io import load_adapters, save_adapters
 from trainer.config import MethodConfig
-from trainer.extend import adapter_blocks, extend_model, trainable_named_parameters
-from trainer.readapt import main
-from trainer.readapt_apply import apply, build, recombine
-from trainer.readapt_delta import DeltaDir, compute_delta
-from trainer.readapt_io import Checkpoint, ReadaptError
-from trainer.readapt_lore import compress
+from trainer.method.extend import adapter_blocks, extend_model, trainable_named_parameters
+from trainer.readapt.cli import main
+from trainer.readapt.apply import apply, build, recombine
+from trainer.readapt.delta import DeltaDir, compute_delta
+from trainer.readapt.io import Checkpoint, ReadaptError
+from trainer.readapt.lore import compress
 
 IDS = random_batch(2, 16, seed=3)
 PSI_KINDS = ("none", "neutral_residues", "lora", "finetune")

@@ -16,10 +16,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from tiny_models import tiny_config, tiny_model
-from trainer.model import backbone_hash
-from trainer.readapt import main
-from trainer.readapt_delta import META_NAME, DeltaDir, compute_delta
-from trainer.readapt_io import Checkpoint, ReadaptError, ShardWriter
+from trainer.engine.model import backbone_hash
+from trainer.readapt.cli import main
+from trainer.readapt.delta import META_NAME, DeltaDir, compute_delta
+from trainer.readapt.io import Checkpoint, ReadaptError, ShardWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -185,7 +185,7 @@ MEASURE = r"""
 import json, sys
 import torch
 from safetensors.torch import load_file
-from trainer.readapt_delta import compute_delta
+from trainer.readapt.delta import compute_delta
 
 def status(key):
     for line in open("/proc/self/status"):

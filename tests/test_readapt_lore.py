@@ -6,10 +6,10 @@ import torch
 from safetensors import safe_open
 
 from test_readapt_delta import _checkpoint, save_pair
-from trainer.readapt import main
-from trainer.readapt_delta import META_NAME, US, VT, DeltaDir, compute_delta
-from trainer.readapt_io import ReadaptError
-from trainer.readapt_lore import choose_rank, compress, in_block
+from trainer.readapt.cli import main
+from trainer.readapt.delta import META_NAME, US, VT, DeltaDir, compute_delta
+from trainer.readapt.io import ReadaptError
+from trainer.readapt.lore import choose_rank, compress, in_block
 
 SPECTRA = {"model.layers.0.mlp.down_proj.weight": [4.0, 3.0, 2.0, 1.0],  # s^2 = 16, 9, 4, 1 (sum 30)
            "model.layers.1.self_attn.q_proj.weight": [1.0, 1.0, 1.0, 1.0, 1.0]}  # flat

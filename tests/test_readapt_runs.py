@@ -1,6 +1,6 @@
 """readapt apply with Psi from real training runs (every method), and its HF dirs loaded in a fresh process.
 
-The runs are trained_runs' shared tiny runs (one `trainer.train` per method on a
+The runs are trained_runs' shared tiny runs (one `trainer.engine.train` per method on a
 saved 2-layer Llama backbone), so this module costs little when the export/eval
 tests already built them. The written directories are loaded by an interpreter
 that cannot import this repo, like any user of an export would.
@@ -18,11 +18,11 @@ from test_readapt_apply import load, logits
 from test_readapt_delta import perturbed
 from tiny_models import random_batch
 from trained_runs import METHODS, shared_runs
-from trainer.adapters_io import load_adapters, save_adapters
-from trainer.export import load_trained
-from trainer.readapt_apply import apply, build, save
-from trainer.readapt_delta import compute_delta
-from trainer.readapt_io import Checkpoint
+from trainer.export.adapters_io import load_adapters, save_adapters
+from trainer.export.export import load_trained
+from trainer.readapt.apply import apply, build, save
+from trainer.readapt.delta import compute_delta
+from trainer.readapt.io import Checkpoint
 
 pytestmark = pytest.mark.slow
 IDS = random_batch(2, 16, seed=3)

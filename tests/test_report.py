@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from trained_runs import shared_runs
-from trainer import report
+from trainer.evaluation import report
 
 
 def fake_run(root, name, method="neutral_residues", lr=1e-3, p=0.1, alpha=1.0, evals=None, roles=None):
@@ -86,7 +86,7 @@ def runs(tmp_path_factory):
 def test_report_on_three_real_runs_with_the_backbone_evaluated_by_eval(runs, tmp_path, capsys):
     import matplotlib.image
 
-    from trainer import evaluate
+    from trainer.evaluation import evaluate
 
     backbone_json = tmp_path / "backbone.json"
     assert evaluate.main([str(runs["backbone"]), "--data", *(f"{d}={p['val']}" for d, p in runs["data"].items()),

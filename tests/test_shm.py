@@ -16,7 +16,7 @@ import pytest
 
 from launch import env
 from mds_fixtures import write_mds
-from trainer.shm import SHM_DIR, clean_stale_shm
+from trainer.engine.shm import SHM_DIR, clean_stale_shm
 
 pytestmark = [pytest.mark.slow,  # each test starts several processes that import streaming (~10 s each)
               pytest.mark.skipif(not SHM_DIR.is_dir(), reason="POSIX shared memory is in /dev/shm on Linux only")]
@@ -105,7 +105,7 @@ def test_killed_jobs_segments_go_live_ones_stay(tmp_path):
 REGISTER = """
 import sys
 from streaming import Stream, StreamingDataset
-from trainer.shm import registering
+from trainer.engine.shm import registering
 print("ready", flush=True)
 sys.stdin.readline()
 for _ in range(int(sys.argv[2])):

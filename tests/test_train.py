@@ -119,7 +119,7 @@ def test_checkpoint_holds_only_trainable_state(tmp_path, data, stage):
     assert state <= size <= 1.05 * state + 64_000, (size, state)  # + pickling and meta.json
 
     # Export reads the trained weights from the master: all of them, trained (w_o starts at 0).
-    from trainer.export import trained_state
+    from trainer.export.export import trained_state
     exported = trained_state(ckpt, tag)
     assert {k: v.shape for k, v in exported.items()} == shapes
     assert all(exported[k].abs().sum() > 0 for k in exported if k.endswith("w_o"))

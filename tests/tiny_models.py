@@ -66,8 +66,8 @@ def train_steps(model, method, ids: torch.Tensor, original_mask: torch.Tensor, s
 
     Each entry describes the forward BEFORE that step's update.
     """
-    from trainer.extend import set_domain, trainable_named_parameters
-    from trainer.losses import local_loss
+    from trainer.method.extend import set_domain, trainable_named_parameters
+    from trainer.method.losses import local_loss
 
     opt = torch.optim.AdamW([p for _, p in trainable_named_parameters(model)], lr=lr, betas=(0.9, 0.95),
                             weight_decay=0.0)

@@ -5,7 +5,7 @@ tokenizer, the two-domain MDS data of mds_fixtures, and one short real
 `python -m trainer train` run per method on top of it. Training is the slow part
 part, so the runs are built once per pytest session under the session's base
 temp dir and reused by every test module that asks; and all methods train in ONE
-subprocess calling `trainer.train.train` (the function behind `python -m trainer
+subprocess calling `trainer.engine.train.train` (the function behind `python -m trainer
 train`) in turn, which saves four interpreter starts and DeepSpeed imports.
 """
 from __future__ import annotations
@@ -73,7 +73,7 @@ def build(root: Path, methods=METHODS) -> dict:
         cfg = run_config(root, data, backbone, method)
         configs.append(str(write_config(cfg, root / f"{method}.yaml")))
         runs[method] = Path(cfg["run_dir"])
-    script = ("import sys\nfrom trainer.config import load_config\nfrom trainer.train import train\n"
+    script = ("import sys\nfrom trainer.config import load_config\nfrom trainer.engine.train import train\n"
               "for path in sys.argv[1:]:\n    train(load_config(path))\n")
     run([sys.executable, "-c", script, *configs])
     done.write_text(json.dumps({"data": data, "backbone": str(backbone),

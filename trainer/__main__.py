@@ -11,19 +11,25 @@ import sys
 from pathlib import Path
 
 COMMANDS = {
-    "train": ("trainer.train", "train an extended model (DeepSpeed, any number of ranks)"),
-    "eval": ("trainer.evaluate", "per-domain bits per byte and multiple-choice tasks"),
-    "export": ("trainer.export", "adapters-only files and a full Hugging Face model directory"),
-    "report": ("trainer.report", "learn/forget table and trade-off plot over runs"),
-    "diagnose": ("trainer.diagnose", "gate statistics and W_g singular values"),
-    "demo": ("trainer.demo", "the CPU quickstart, end to end"),
-    "bench": ("trainer.bench", "throughput, memory and checkpoint cost vs finetune"),
-    "readapt": ("trainer.readapt", "RE-Adapt / LoRE-Adapt: instruction deltas and recombination"),
+    "train": ("trainer.engine.train", "train an extended model (DeepSpeed, any number of ranks)"),
+    "eval": ("trainer.evaluation.evaluate", "per-domain bits per byte and multiple-choice tasks"),
+    "export": ("trainer.export.export", "adapters-only files and a full Hugging Face model directory"),
+    "report": ("trainer.evaluation.report", "learn/forget table and trade-off plot over runs"),
+    "diagnose": ("trainer.evaluation.diagnose", "gate statistics and W_g singular values"),
+    "demo": ("trainer.demo.cli", "the CPU quickstart, end to end"),
+    "bench": ("trainer.bench.cli", "throughput, memory and checkpoint cost vs finetune"),
+    "readapt": ("trainer.readapt.cli", "RE-Adapt / LoRE-Adapt: instruction deltas and recombination"),
 }
 
 
+def prog() -> str:
+    """How the user called us: `python -m trainer` or the installed `neutral-residues` script."""
+    name = Path(sys.argv[0]).name
+    return "python -m trainer" if name in ("__main__.py", "-m", "-c", "") else name
+
+
 def usage() -> str:
-    lines = ["usage: python -m trainer <command> [args...]", "", "commands:"]
+    lines = [f"usage: {prog()} <command> [args...]", "", "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
