@@ -150,7 +150,7 @@ class TrainConfig:
     micro_batch_size: int = 1
     """Sequences per rank per forward pass; grad accumulation is derived."""
     lr: Optional[float] = None
-    """Default: 5e-5 for adapter methods and LoRA, 2e-4 for finetune (METHOD.md)."""
+    """Default: 5e-5 for adapter methods and LoRA, 2e-4 for finetune (docs/method.md)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     """AdamW betas."""
     weight_decay: float = 0.0

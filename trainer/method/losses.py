@@ -3,7 +3,7 @@
 Call `local_loss(model, method)` after a training forward that followed
 `set_domain(model, mask)`; the trainer then backpropagates `lm_loss + local`.
 
-  l1  = mean over layers, original tokens and elements of |g(n) * A(n)|   (METHOD.md)
+  l1  = mean over layers, original tokens and elements of |g(n) * A(n)|   (docs/method.md)
   bce = mean over layers and ALL tokens of BCE(sigmoid(w_b . n), new=1 / original=0)
   local = alpha * l1 (if method.uses_l1) + bce_weight * bce (if method.uses_bce)
 
