@@ -1,9 +1,11 @@
 """Export: adapters-only files and full HF dirs whose logits equal the trained model's.
 
-The full HF dirs are loaded in a FRESH interpreter with this repo off sys.path
-(no PYTHONPATH, cwd elsewhere, `import trainer` asserted to fail), for every
-method trained for real and for each supported backbone family. The adapters-only
-file is also saved from inside a 2-rank ZeRO-3 engine (run as
+The full HF dirs are loaded in a FRESH interpreter with this repo out of reach
+(no PYTHONPATH, cwd elsewhere, an installed copy hidden, `import trainer` asserted
+to fail), for every method trained for real and for each supported backbone
+family. A gated export's remote code is the package's own modeling_parallel_adapter.py
+and adapter.py, copied byte for byte; `is_own_export` recognises exactly that.
+The adapters-only file is also saved from inside a 2-rank ZeRO-3 engine (run as
 `torchrun tests/test_export.py zero3 OUT`) and compared with one process.
 """
 from __future__ import annotations
@@ -23,11 +25,32 @@ from trained_runs import METHODS, shared_runs
 
 IDS = random_batch(2, 24, seed=5)
 GATED = ("neutral_residues", "sigmoid_gate")
+EXPORT_FAMILIES = FAMILIES + ("gemma2",)  # every backbone the modeling file has classes for
+REMOTE_CODE = ("modeling_parallel_adapter.py", "adapter.py")
+PACKAGE_CODE = ROOT / "trainer" / "method"
 
 # Runs in the fresh interpreter: loads each listed dir, saves its logits on the same ids.
 LOADER = r'''
-import importlib.util, json, sys, torch
-assert importlib.util.find_spec("trainer") is None, "the repo is importable: the test would prove nothing"
+import sys
+
+
+class HideRepo:
+    """The project may be installed (editable) in this interpreter: hide its packages, as on a machine
+    that never had them, so any import of them by the exported code fails the test."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("trainer", "data_prep"):
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden by the export test)")
+        return None
+
+
+sys.meta_path.insert(0, HideRepo())
+try:
+    import trainer
+    raise AssertionError("the repo is importable: the test would prove nothing")
+except ModuleNotFoundError:
+    pass
+import json, torch
 from transformers import AutoModelForCausalLM
 manifest = json.load(open(sys.argv[1]))
 ids = torch.load(manifest["ids"])
@@ -35,7 +58,8 @@ out = {}
 for name, d in manifest["dirs"].items():
     model = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True).eval()
     with torch.no_grad():
-        out[name] = {"logits": model(ids).logits, "class": type(model).__name__}
+        out[name] = {"logits": model(ids).logits, "class": type(model).__name__,
+                     "mlp_module": type(model.model.layers[0].mlp).__module__}
     try:  # without trust_remote_code a gated export must refuse to load, not drop its adapters
         AutoModelForCausalLM.from_pretrained(d)
         out[name]["plain_load"] = "loaded"
@@ -86,7 +110,7 @@ def exported(runs, tmp_path_factory):
         assert export.main([str(run_dir), "--out", str(root / method)]) == 0
         _, model = export.load_trained(run_dir)
         cases[method] = {"dir": root / method / "hf", "ref": logits(model), "backbone": backbone}
-    for family in FAMILIES:
+    for family in EXPORT_FAMILIES:
         for method in ("neutral_residues", "adapters"):
             model = tiny_model(family)
             mc = MethodConfig(name=method)
@@ -104,7 +128,7 @@ def exported(runs, tmp_path_factory):
 
 
 TRAINED = list(METHODS)
-FAMILY_CASES = [f"{f}_{m}" for f in FAMILIES for m in ("neutral_residues", "adapters")]
+FAMILY_CASES = [f"{f}_{m}" for f in EXPORT_FAMILIES for m in ("neutral_residues", "adapters")]
 
 
 @pytest.mark.slow
@@ -113,15 +137,121 @@ def test_full_hf_dir_gives_the_trained_logits_in_a_fresh_process(exported, name)
     case = exported[name]
     assert not torch.allclose(case["ref"], case["backbone"], atol=1e-4), "the model equals its backbone"
     torch.testing.assert_close(case["logits"], case["ref"], atol=2e-5, rtol=1e-5)
-    method = name.split("_", 1)[1] if name.split("_")[0] in FAMILIES else name
+    family, method = name.split("_", 1) if name.split("_")[0] in EXPORT_FAMILIES else ("llama", name)
+    cfg = json.loads((case["dir"] / "config.json").read_text())
     if method in GATED:
-        assert case["class"] == "ParallelAdapterForCausalLM"
+        assert case["class"].startswith("ParallelAdapter") and case["class"] == cfg["architectures"][0]
+        assert cfg["model_type"] == f"parallel_adapter_{family}"
         assert case["plain_load"] != "loaded"
-        assert (case["dir"] / "modeling_parallel_adapter.py").is_file()
+        assert case["mlp_module"].endswith(".adapter")  # the block came from the shipped adapter.py
+        for f in REMOTE_CODE:
+            assert (case["dir"] / f).read_bytes() == (PACKAGE_CODE / f).read_bytes(), f
     else:  # finetune, lora and ungated adapters are plain HF models of the backbone's class
-        assert case["class"].endswith("ForCausalLM") and case["class"] != "ParallelAdapterForCausalLM"
+        assert case["class"].endswith("ForCausalLM") and not case["class"].startswith("ParallelAdapter")
         assert case["plain_load"] == "loaded"
-        assert not (case["dir"] / "modeling_parallel_adapter.py").exists()
+        assert "auto_map" not in cfg and not any((case["dir"] / f).exists() for f in REMOTE_CODE)
+
+
+# ----------------------------------------------------------------------------- remote code: one source
+
+
+@pytest.fixture(scope="module")
+def gated_export(tmp_path_factory):
+    """A gated tiny-Llama export, written in-process (no training, no load)."""
+    from trainer.config import MethodConfig
+    from trainer.export.hf_export import save_with_remote_code
+    from trainer.method.extend import extend_model
+
+    model = tiny_model("llama")
+    mc = MethodConfig(name="neutral_residues")
+    extend_model(model, mc)
+    return save_with_remote_code(model, mc, tmp_path_factory.mktemp("gated") / "hf")
+
+
+def test_gated_export_ships_the_modules_training_imports(gated_export):
+    from trainer.export.hf_export import is_own_export
+    from trainer.method import adapter, modeling_parallel_adapter
+
+    assert Path(adapter.__file__).resolve() == PACKAGE_CODE / "adapter.py"
+    assert Path(modeling_parallel_adapter.__file__).resolve() == PACKAGE_CODE / "modeling_parallel_adapter.py"
+    for f in REMOTE_CODE:
+        assert (gated_export / f).read_bytes() == (PACKAGE_CODE / f).read_bytes(), f
+    cfg = json.loads((gated_export / "config.json").read_text())
+    assert cfg["model_type"] == "parallel_adapter_llama"
+    assert cfg["auto_map"] == {"AutoConfig": "modeling_parallel_adapter.ParallelAdapterLlamaConfig",
+                               "AutoModelForCausalLM": "modeling_parallel_adapter.ParallelAdapterLlamaForCausalLM"}
+    assert is_own_export(gated_export)
+
+
+def _append(path: Path, text: str) -> None:
+    with open(path, "a") as f:
+        f.write(text)
+
+
+def _edit_config(d: Path, **changes) -> None:
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(changes)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+QWEN2_PAIR = {"AutoConfig": "modeling_parallel_adapter.ParallelAdapterQwen2Config",
+              "AutoModelForCausalLM": "modeling_parallel_adapter.ParallelAdapterQwen2ForCausalLM"}
+EDITS = {
+    "comment_in_adapter": lambda d: _append(d / "adapter.py", "# harmless, but not what export wrote\n"),
+    "code_in_modeling_file": lambda d: _append(d / "modeling_parallel_adapter.py", "print('hello')\n"),
+    "adapter_missing": lambda d: (d / "adapter.py").unlink(),
+    "auto_map_of_another_backbone": lambda d: _edit_config(d, auto_map=QWEN2_PAIR),
+    "extra_auto_map_entry": lambda d: _edit_config(d, auto_map={
+        **json.loads((d / "config.json").read_text())["auto_map"], "AutoTokenizer": "tok.Tokenizer"}),
+    # What the previous exporter wrote: one generated file, one generic class pair.
+    "previous_single_file_export": lambda d: _edit_config(d, auto_map={
+        "AutoConfig": "modeling_parallel_adapter.ParallelAdapterConfig",
+        "AutoModelForCausalLM": "modeling_parallel_adapter.ParallelAdapterForCausalLM"}),
+    "unsupported_backbone": lambda d: _edit_config(d, model_type="parallel_adapter_gpt2"),
+    "backbone_model_type": lambda d: _edit_config(d, model_type="llama"),
+}
+
+
+@pytest.mark.parametrize("edit", list(EDITS))
+def test_is_own_export_refuses_anything_but_the_exact_files(gated_export, tmp_path, edit):
+    import shutil
+
+    from trainer.export.hf_export import is_own_export
+
+    d = tmp_path / "hf"
+    shutil.copytree(gated_export, d)
+    assert is_own_export(d)
+    EDITS[edit](d)
+    assert not is_own_export(d)
+
+
+def test_modeling_file_has_classes_for_every_supported_backbone():
+    from trainer.method import modeling_parallel_adapter as modeling
+    from trainer.method.extend import SUPPORTED_CLASSES
+
+    backbones = set()
+    for base_type, (config_cls, model_cls) in modeling.CLASSES.items():
+        assert config_cls.model_type == f"parallel_adapter_{base_type}"
+        assert model_cls.config_class is config_cls
+        backbone = next(c for c in model_cls.__mro__[1:] if c.__name__ in SUPPORTED_CLASSES)
+        assert backbone.config_class.model_type == base_type and issubclass(config_cls, backbone.config_class)
+        backbones.add(backbone.__name__)
+    assert backbones == set(SUPPORTED_CLASSES)
+
+
+def test_shipped_files_import_only_torch_transformers_and_each_other():
+    """They run wherever the export is loaded: nothing of this repo may leak in."""
+    import ast
+
+    def imports(name):
+        tree = ast.parse((PACKAGE_CODE / name).read_text())
+        absolute = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        absolute |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and not n.level}
+        relative = {(n.level, n.module) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level}
+        return absolute, relative
+
+    assert imports("adapter.py") == ({"__future__", "torch"}, set())
+    assert imports("modeling_parallel_adapter.py") == ({"transformers"}, {(1, "adapter")})
 
 
 @pytest.mark.slow

@@ -108,6 +108,37 @@ def test_adapter_uses_the_backbone_activation():
     assert "gelu" in type(act).__name__.lower()
 
 
+def test_training_runs_the_shipped_adapter_forward():
+    """The blocks subclass trainer/method/adapter.py (the file exports ship) without overriding its math."""
+    from trainer.method import adapter as shipped
+
+    assert Path(shipped.__file__).resolve() == ROOT / "trainer" / "method" / "adapter.py"
+    model = tiny_model("llama")
+    extend_model(model, MethodConfig())
+    for block in adapter_blocks(model):
+        assert isinstance(block, shipped.ParallelAdapterMLP) and isinstance(block.adapter, shipped.GatedAdapter)
+        assert type(block.adapter).forward is shipped.GatedAdapter.forward
+        assert type(block).forward_parts is shipped.ParallelAdapterMLP.forward_parts
+
+
+@pytest.mark.parametrize("method", ["neutral_residues", "sigmoid_gate", "adapters"])
+def test_local_loss_bookkeeping_leaves_the_block_output_unchanged(method):
+    """A recording training forward gives the logits of the plain (exported) forward, bit for bit."""
+    model = tiny_model("qwen2")
+    extend_model(model, MethodConfig(name=method))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for block in adapter_blocks(model):
+            block.adapter.w_o.normal_(0.0, 0.5)
+    ids = random_batch(4, 16)
+    plain = logits(model.eval(), ids)
+    model.train()
+    set_domain(model, MIXED)
+    recorded = model(input_ids=ids).logits  # with autograd: the local-grad injection is in the graph
+    assert all(b.record is not None for b in adapter_blocks(model))
+    assert torch.equal(recorded.detach(), plain)
+
+
 def test_helpers_see_through_an_engine_wrapper():
     """The trainer may pass the DeepSpeed engine (which holds the model as `.module`)."""
     class Engine(torch.nn.Module):

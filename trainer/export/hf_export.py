@@ -2,19 +2,20 @@
 
 Gated adapters (neutral_residues, sigmoid_gate) cannot be folded into the
 backbone: the gate g(n) scales the adapter per token. They ship with the
-standard `auto_map` mechanism instead: a small modeling file written into the
-directory subclasses the backbone's own HF classes (Llama, Mistral, Qwen2,
-Gemma, Gemma2) and re-wraps each layer's MLP with the parallel gated adapter at
-load time, so
+standard `auto_map` mechanism instead: two files of this package,
+`trainer/method/modeling_parallel_adapter.py` (one config/model class pair per
+supported backbone, subclassing the backbone's own HF classes) and
+`trainer/method/adapter.py` (the adapter's forward, which training runs too),
+are copied byte for byte into the directory, so
 
     AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
 
-works in plain `transformers`, lm-evaluation-harness or any HF-based stack. The
-file imports only torch and transformers, and its forward is the trainer's
-(`extend.GatedAdapter`, `extend.ParallelAdapterMLP` without the loss
-bookkeeping), so logits match the trained model. The model_type is new
-(`parallel_adapter_<backbone>`), so loading WITHOUT trust_remote_code fails
-loudly instead of silently dropping the adapters.
+works in plain `transformers`, lm-evaluation-harness or any HF-based stack, and
+the logits are the trained model's because the forward is the same code, not a
+copy of it. The model_type is new (`parallel_adapter_<backbone>`), so loading
+WITHOUT trust_remote_code fails loudly instead of silently dropping the adapters.
+Because nothing is generated, "is this our own export?" is a byte comparison
+with the package's files (`is_own_export`), with no need for transformers' tables.
 
 LoRA merges into the base weights (`merge_lora`), giving a plain model of the
 backbone's class. Ungated adapters (method `adapters`) need no remote code either: the backbone MLP and
@@ -27,103 +28,30 @@ them along the hidden dimension gives one plain MLP with intermediate_size + h:
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..config import MethodConfig
-
-MODELING_FILE = "modeling_parallel_adapter.py"
-CONFIG_KEY = "parallel_adapter"
-
-# The modeling file shipped in the export directory. `{...}` fields are filled per
-# backbone; everything else is literal Python that must stay self-contained.
-_MODELING_TEMPLATE = '''\
-"""Parallel gated adapters on a {base_model} backbone (written by the extension trainer's export).
-
-Self-contained: needs only torch and transformers. Each decoder layer's MLP becomes
-
-    out = mlp(n) + g(n) * W_o(act(W_g n) * W_i n),   g(n) = relu(w_b . n) | sigmoid(w_b . n) | 1
-
-where n is the MLP's (normalised) input and act the backbone MLP's own activation.
-Load with `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`.
-Adapter sizes live in config.json under "{config_key}".
-"""
-import torch
-import torch.nn.functional as F
-from torch import nn
-from transformers import {base_config} as _BaseConfig
-from transformers import {base_model} as _BaseForCausalLM
-
-
-class ParallelAdapterConfig(_BaseConfig):
-    model_type = "{model_type}"
-
-    def __init__(self, {config_key}=None, **kwargs):
-        # {{"adapter_size": h, "gate": "relu" | "sigmoid" | "none", "method": name}}
-        self.{config_key} = dict({config_key} or {{}})
-        super().__init__(**kwargs)
-
-
-class GatedAdapter(nn.Module):
-    """A(n) = W_o(act(W_g n) * W_i n) scaled per token by the gate; returns g*A(n), (B, T, d)."""
-
-    def __init__(self, hidden_size, adapter_size, gate):
-        super().__init__()
-        self.gate = gate
-        self.w_g = nn.Parameter(torch.zeros(adapter_size, hidden_size))  # (h, d)
-        self.w_i = nn.Parameter(torch.zeros(adapter_size, hidden_size))  # (h, d)
-        self.w_o = nn.Parameter(torch.zeros(hidden_size, adapter_size))  # (d, h)
-        self.w_b = nn.Parameter(torch.zeros(hidden_size)) if gate != "none" else None  # (d,)
-
-    def forward(self, n, act):
-        a = F.linear(act(F.linear(n, self.w_g)) * F.linear(n, self.w_i), self.w_o)
-        if self.w_b is None:
-            return a
-        z = torch.matmul(n, self.w_b)  # (B, T): one gate value per token
-        g = torch.relu(z) if self.gate == "relu" else torch.sigmoid(z)
-        return g.unsqueeze(-1) * a
-
-
-class ParallelAdapterMLP(nn.Module):
-    """Holds the backbone MLP as `.mlp`, so checkpoint keys are model.layers.i.mlp.mlp.* and .mlp.adapter.*."""
-
-    def __init__(self, mlp, adapter):
-        super().__init__()
-        self.mlp = mlp
-        self.adapter = adapter
-
-    def forward(self, n):
-        y = self.adapter(n, self.mlp.act_fn)
-        return self.mlp(n) + y
-
-
-class ParallelAdapterForCausalLM(_BaseForCausalLM):
-    config_class = ParallelAdapterConfig
-
-    def __init__(self, config):
-        super().__init__(config)
-        spec = config.{config_key}
-        for layer in self.model.layers:
-            adapter = GatedAdapter(config.hidden_size, spec["adapter_size"], spec["gate"])
-            layer.mlp = ParallelAdapterMLP(layer.mlp, adapter)
-'''
-
+from ..method import adapter
+from ..method import modeling_parallel_adapter as modeling
+from ..method.modeling_parallel_adapter import CONFIG_KEY
 
 MODEL_TYPE_PREFIX = "parallel_adapter_"
-AUTO_MAP = {"AutoConfig": f"{MODELING_FILE[:-3]}.ParallelAdapterConfig",
-            "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.ParallelAdapterForCausalLM"}
 
 
-def modeling_source(model: nn.Module) -> str:
-    """The modeling file's text for this backbone class."""
-    return _source(type(model).__name__, type(model.config).__name__, model.config.model_type)
+def remote_code_files() -> list[Path]:
+    """The package's files a gated export ships, under the same names (the relative import needs it)."""
+    return [Path(modeling.__file__), Path(adapter.__file__)]
 
 
-def _source(base_model: str, base_config: str, base_type: str) -> str:
-    return _MODELING_TEMPLATE.format(base_model=base_model, base_config=base_config,
-                                     model_type=MODEL_TYPE_PREFIX + base_type, config_key=CONFIG_KEY)
+def auto_map(base_model_type: str) -> dict:
+    """config.json's auto_map for a backbone of `base_model_type` (KeyError if unsupported)."""
+    config_cls, model_cls = modeling.CLASSES[base_model_type]
+    module = Path(modeling.__file__).stem
+    return {"AutoConfig": f"{module}.{config_cls.__name__}", "AutoModelForCausalLM": f"{module}.{model_cls.__name__}"}
 
 
 def remote_model_type(model: nn.Module) -> str:
@@ -133,24 +61,35 @@ def remote_model_type(model: nn.Module) -> str:
 def is_own_export(hf_dir: str | Path) -> bool:
     """True if the dir's remote code is exactly what this exporter writes (so it is safe to run).
 
-    `eval` uses it to load our own gated exports without --trust-remote-code: the
-    auto_map must point only at our classes and the modeling file must be byte-equal
-    to the one regenerated from the template for the recorded backbone type.
+    `eval` uses it to load our own gated exports without --trust-remote-code. The
+    auto_map must name the class pair of the recorded backbone, and the modeling file
+    and the adapter.py it imports must be byte-equal to this package's: then the only
+    code that runs is this package's own. Directories written by another version of
+    those files (or by the older single generated file) are not recognised; they still
+    load with an explicit trust_remote_code.
     """
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     hf_dir = Path(hf_dir)
     try:
         cfg = json.loads((hf_dir / "config.json").read_text())
-        code = (hf_dir / MODELING_FILE).read_text()
     except (OSError, ValueError):
         return False
     model_type = str(cfg.get("model_type", ""))
-    base = model_type[len(MODEL_TYPE_PREFIX):] if model_type.startswith(MODEL_TYPE_PREFIX) else None
-    if cfg.get("auto_map") != AUTO_MAP or base not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if not model_type.startswith(MODEL_TYPE_PREFIX):
         return False
-    return code == _source(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[base], CONFIG_MAPPING_NAMES[base], base)
+    try:
+        expected = auto_map(model_type[len(MODEL_TYPE_PREFIX):])
+    except KeyError:
+        return False
+    if cfg.get("auto_map") != expected:
+        return False
+    return all(_same_bytes(hf_dir / src.name, src) for src in remote_code_files())
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    try:
+        return a.read_bytes() == b.read_bytes()
+    except OSError:
+        return False
 
 
 def _plain_config(model: nn.Module) -> None:
@@ -163,7 +102,8 @@ def _plain_config(model: nn.Module) -> None:
 def save_with_remote_code(model: nn.Module, method: MethodConfig, out: str | Path) -> Path:
     """Write `model` (extended with an adapter method) as an HF dir; returns `out`.
 
-    Gated methods get the auto_map modeling file; `adapters` (no gate) is merged
+    Gated methods get the auto_map remote code (the package's modeling_parallel_adapter.py
+    and adapter.py, copied as they are); `adapters` (no gate) is merged
     into a plain model of the backbone's class instead. Modifies `model` in the
     merge case (it is an export copy).
     """
@@ -178,18 +118,24 @@ def save_with_remote_code(model: nn.Module, method: MethodConfig, out: str | Pat
         _plain_config(model)
         model.save_pretrained(out, safe_serialization=True)
         return out
+    base = model.config.model_type
+    try:
+        classes = auto_map(base)
+    except KeyError:
+        raise ValueError(f"save_with_remote_code: no parallel-adapter classes for model_type {base!r}") from None
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     # save_pretrained wrote the backbone's config; replace it by the remote-code one.
     cfg = model.config.to_dict()
     cfg.update({
         "model_type": remote_model_type(model),
-        "architectures": ["ParallelAdapterForCausalLM"],
-        "auto_map": dict(AUTO_MAP),
+        "architectures": [classes["AutoModelForCausalLM"].rpartition(".")[2]],
+        "auto_map": classes,
         CONFIG_KEY: {"adapter_size": ext.adapter_hidden_size, "gate": method.gate, "method": method.name},
     })
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    (out / MODELING_FILE).write_text(modeling_source(model))
+    for src in remote_code_files():
+        shutil.copyfile(src, out / src.name)
     return out
 
 

@@ -10,6 +10,11 @@ Adapter methods (neutral_residues, sigmoid_gate, adapters) replace each
 
     out = mlp(n) + g(n) * A(n),   A(n) = W_o(act(W_g n) * W_i n),   g = relu|sigmoid(w_b . n) or 1
 
+That forward has one definition, `trainer/method/adapter.py`, which exports copy
+byte for byte into the model directory (trainer/export/hf_export.py). The classes
+here subclass it and add only what training needs: initialisation and the local
+loss's bookkeeping. So what was trained is, by construction, what an export runs.
+
 Local losses (l1 on original-domain tokens, gate BCE) are computed inside the
 block while the activations are at hand, reduced to scalars, and their gradient
 is injected back into the block's output (see `_InjectLocalGrad`); this is what
@@ -36,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ADAPTER_METHODS, MethodConfig
+from . import adapter as shipped
 
 SUPPORTED_CLASSES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GemmaForCausalLM",
                      "Gemma2ForCausalLM")
@@ -75,7 +81,7 @@ def gathered(params, modifier_rank: Optional[int] = None):
 
 
 def adapter_hidden_size(extra_params: float, backbone_params: int, num_layers: int, hidden_size: int) -> int:
-    """h = round(extra * N / (L * 3 * d)): each layer adds 3*d*h (+ d for the gate) params (METHOD.md)."""
+    """h = round(extra * N / (L * 3 * d)): each layer adds 3*d*h (+ d for the gate) params (docs/method.md)."""
     return max(1, round(extra_params * backbone_params / (num_layers * 3 * hidden_size)))
 
 
@@ -147,29 +153,24 @@ STAT_NAMES = ("n_original", "n_new", "active_original", "active_new", "gate_orig
               "residual_abs_original", "residual_abs_new")
 
 
-class GatedAdapter(nn.Module):
-    """A(n) = W_o(act(W_g n) * W_i n), scaled per token by g(n) = gate(w_b . n).
+class GatedAdapter(shipped.GatedAdapter):
+    """The shipped adapter plus its training initialisation.
 
-    Raw parameters (not nn.Linear children) so that init happens in this module's own
-    __init__, which ZeRO-3's zero.Init runs before partitioning this module's params.
+    Initialised here, in __init__, because ZeRO-3's zero.Init partitions a module's
+    params when its (most derived) __init__ returns and broadcasts rank 0's values:
+    initialising later would write into empty local shards.
     """
 
     def __init__(self, hidden_size: int, adapter_size: int, gate: str, init: str, num_layers: int,
                  dtype: Optional[torch.dtype] = None, device=None):
-        super().__init__()
-        kw = dict(dtype=dtype, device=device)
-        self.hidden_size, self.adapter_size, self.gate, self.init, self.num_layers = (
-            hidden_size, adapter_size, gate, init, num_layers)
-        self.w_g = nn.Parameter(torch.empty(adapter_size, hidden_size, **kw))  # (h, d)
-        self.w_i = nn.Parameter(torch.empty(adapter_size, hidden_size, **kw))  # (h, d)
-        self.w_o = nn.Parameter(torch.empty(hidden_size, adapter_size, **kw))  # (d, h)
-        self.w_b = nn.Parameter(torch.empty(hidden_size, **kw)) if gate != "none" else None  # (d,), no bias
+        super().__init__(hidden_size, adapter_size, gate, dtype=dtype, device=device)
+        self.init, self.num_layers = init, num_layers
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         d = self.hidden_size
-        # low_variance: N(0, 1/(d*L)), much smaller than He's 2/d (METHOD.md).
+        # low_variance: N(0, 1/(d*L)), much smaller than He's 2/d (docs/method.md).
         std = math.sqrt(1.0 / (d * self.num_layers)) if self.init == "low_variance" else math.sqrt(2.0 / d)
         self.w_g.normal_(0.0, std)
         self.w_i.normal_(0.0, std)
@@ -177,42 +178,30 @@ class GatedAdapter(nn.Module):
         if self.w_b is not None:
             self.w_b.normal_(0.0, math.sqrt(2.0 / d))  # He
 
-    def forward(self, n: torch.Tensor, act) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """n: (B, T, d) -> y = g*A(n) (B, T, d), gate logit z (B, T) or None, gate g (B, T) or None."""
-        a = F.linear(act(F.linear(n, self.w_g)) * F.linear(n, self.w_i), self.w_o)
-        if self.w_b is None:
-            return a, None, None
-        z = torch.matmul(n, self.w_b)  # (B, T)
-        g = torch.relu(z) if self.gate == "relu" else torch.sigmoid(z)
-        return g.unsqueeze(-1) * a, z, g
-
     def extra_repr(self) -> str:
-        return f"d={self.hidden_size}, h={self.adapter_size}, gate={self.gate}, init={self.init}"
+        return f"{super().extra_repr()}, init={self.init}"
 
 
-class ParallelAdapterMLP(nn.Module):
-    """Replaces `layer.mlp`: out = mlp(n) + g(n)*A(n), with the original kept as `.mlp`.
+class ParallelAdapterMLP(shipped.ParallelAdapterMLP):
+    """The shipped block plus the local-loss bookkeeping of a training forward.
 
     In training mode, once `set_domain` gave a mask, it also records the local-loss
     terms and gate statistics of this forward (`.record`). Every rank runs exactly the
     same ops whatever its batch's domains (ZeRO-3 lockstep): domains only enter as a
-    multiplicative mask.
+    multiplicative mask. The output itself is the shipped forward's, untouched.
     """
 
     def __init__(self, mlp: nn.Module, adapter: GatedAdapter, uses_l1: bool, uses_bce: bool):
-        super().__init__()
-        self.mlp = mlp
-        self.adapter = adapter
+        super().__init__(mlp, adapter)
         self.uses_l1, self.uses_bce = uses_l1, uses_bce
         self.domain_pass: Optional[_DomainPass] = None
         self.record: Optional[BlockRecord] = None
 
     def forward(self, n: torch.Tensor) -> torch.Tensor:
-        y, z, g = self.adapter(n, self.mlp.act_fn)
-        out = self.mlp(n) + y
         p = self.domain_pass
         if not self.training or p is None or p.mask is None:
-            return out
+            return super().forward(n)
+        out, y, z, g = self.forward_parts(n)
         orig = _token_mask(p.mask, n)  # (B, T) float32, 1 = original-domain token
         new = 1.0 - orig
         L = self.adapter.num_layers
