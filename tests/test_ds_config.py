@@ -2,9 +2,11 @@
 import json
 
 import pytest
+import torch
 
 from trainer.config import ConfigError, load_config
 from trainer.engine.ds_config import batch_arithmetic, build_ds_config
+from trainer.engine.model import resolve_dtype
 
 BASE = {
     "model": {"config": {"model_type": "llama"}},
@@ -16,7 +18,7 @@ BASE = {
 @pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "zero3_offload"])
 def test_every_shipped_config_resolves(name):
     cfg = load_config(data=BASE, overrides=[f"deepspeed.config=ds_configs/{name}.json"])
-    ds = build_ds_config(cfg, world_size=4, on_gpu=True)
+    ds = build_ds_config(cfg, world_size=4, on_gpu=True, bf16_ok=True)
     assert ds["train_batch_size"] == 16 and ds["train_micro_batch_size_per_gpu"] == 2
     assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 0.5
     assert ds["bf16"]["enabled"] is True
@@ -28,6 +30,40 @@ def test_cpu_is_fp32_with_torch_adam():
     ds = build_ds_config(load_config(data=BASE), world_size=1, on_gpu=False)
     assert ds["bf16"]["enabled"] is False and ds["optimizer"]["params"]["torch_adam"] is True
     assert ds["gradient_accumulation_steps"] == 8
+
+
+@pytest.mark.parametrize("name", ["zero2", "zero3"])
+def test_gpu_without_bf16_trains_in_fp32(name):
+    """A V100 has no native bf16: dtype auto must not turn it on there, nor switch to fp16."""
+    cfg = load_config(data=BASE, overrides=[f"deepspeed.config=ds_configs/{name}.json"])
+    ds = build_ds_config(cfg, world_size=4, on_gpu=True, bf16_ok=False)
+    assert ds["bf16"]["enabled"] is False
+    assert not ds.get("fp16", {}).get("enabled", False)
+    assert "torch_adam" not in ds["optimizer"]["params"]  # still a GPU: DeepSpeed's fused Adam
+    assert resolve_dtype("auto", ds) == torch.float32
+    # Not knowing is not enough for bf16 either: the default is the safe fp32.
+    assert build_ds_config(cfg, world_size=4, on_gpu=True)["bf16"]["enabled"] is False
+
+
+def test_bf16_supported_means_native_bf16(monkeypatch):
+    """torch answers True for a V100 unless asked about native support (emulated bf16 counts by default)."""
+    from trainer.engine import dist
+
+    native = {"v100": False, "a100": True}
+    for gpu, has_bf16 in native.items():
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                            lambda including_emulation=True, n=has_bf16: n or including_emulation)
+        assert dist.bf16_supported() is has_bf16, gpu
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert dist.bf16_supported() is False  # CPU (DS_ACCELERATOR=cpu)
+
+
+def test_explicit_dtype_wins_over_the_device():
+    fp16 = build_ds_config(load_config(data=BASE, overrides=["model.dtype=float16"]), 1, on_gpu=True, bf16_ok=False)
+    assert fp16["fp16"]["enabled"] is True and fp16["bf16"]["enabled"] is False
+    bf16 = build_ds_config(load_config(data=BASE, overrides=["model.dtype=bfloat16"]), 1, on_gpu=True, bf16_ok=False)
+    assert bf16["bf16"]["enabled"] is True
 
 
 def test_batch_mismatch_is_a_clear_error():

@@ -417,7 +417,7 @@ def zero3_worker(out: Path, stage: int, backbone: Path) -> None:
     from trainer.method.losses import local_loss
     from trainer.engine.model import build_model
     from trainer.engine.perplexity import token_nll
-    from trainer.engine.train import seed_everything
+    from trainer.engine.rng import seed_everything
 
     world = dist.init_distributed()
     spec = tiny_run_config(out, {"en": {}, "code": {}}, "neutral_residues", global_batch_size=4, micro_batch_size=2)

@@ -31,7 +31,7 @@ class ModelConfig:
     config: Optional[dict] = None
     """An HF config as a dict (needs `model_type`): builds a randomly initialised model instead."""
     dtype: str = "auto"
-    """auto / float32 / bfloat16 / float16. auto = bfloat16 on GPUs that support it, float32 on CPU."""
+    """auto / float32 / bfloat16 / float16. auto = bfloat16 on GPUs with native bf16 (Ampere and newer), else float32 (CPU, V100)."""
     trust_remote_code: bool = False
     """Allow model code shipped with the checkpoint (needed for exports of adapter methods)."""
 

@@ -173,6 +173,7 @@ class Bench:
         """HF Trainer + PEFT on our lora config (`hf`), or with DeepSpeed and our resolved JSON (`hf_deepspeed`)."""
         from .plan import base_config
         from ..config import load_config
+        from ..engine.dist import bf16_supported
         from ..engine.ds_config import build_ds_config
 
         root = self.work / f"repeat{repeat}"
@@ -181,7 +182,7 @@ class Bench:
         out = root / f"peer_{name}.json"
         cmd = [sys.executable, "-m", "trainer.bench.peer", str(cfg_path), "--out", str(out), "--device", self.device]
         if name == "hf_deepspeed":
-            ds = build_ds_config(load_config(cfg_path), 1, self.device == "cuda")
+            ds = build_ds_config(load_config(cfg_path), 1, self.device == "cuda", bf16_supported())
             ds_path = root / "configs" / "peer_ds.json"
             ds_path.write_text(json.dumps(ds, indent=2))
             cmd += ["--deepspeed", str(ds_path)]

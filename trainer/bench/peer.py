@@ -29,7 +29,7 @@ def peer_model(cfg):
 
     from ..method.extend import LORA_TARGETS, lora_rank
     from ..engine.model import load_backbone
-    from ..engine.train import seed_everything
+    from ..engine.rng import seed_everything
 
     seed_everything(cfg.train.seed)
     dtype = torch.float32 if cfg.model.dtype in ("auto", "float32") else getattr(torch, cfg.model.dtype)

@@ -104,6 +104,20 @@ def on_gpu() -> bool:
     return get_accelerator().device_name() != "cpu"
 
 
+def bf16_supported() -> bool:
+    """Whether the accelerator computes in bf16 natively (CUDA: compute capability 8.0+).
+
+    Not `torch.cuda.is_bf16_supported()` as is, nor DeepSpeed's accelerator (which calls it):
+    by default both answer True on a V100, which can only emulate bf16, without tensor cores.
+    """
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    return acc.device_name() != "cpu" and bool(acc.is_bf16_supported())
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)

@@ -38,7 +38,9 @@ def _fill(node: dict, key: str, value) -> None:
         node[key] = value
 
 
-def build_ds_config(cfg: RunConfig, world_size: int, on_gpu: bool, bf16_ok: bool = True) -> dict:
+def build_ds_config(cfg: RunConfig, world_size: int, on_gpu: bool, bf16_ok: bool = False) -> dict:
+    """`bf16_ok`: the accelerator has native bf16 (`dist.bf16_supported()`). It defaults to False so
+    that a caller who does not ask gets fp32, slow but correct, never bf16 on a GPU without it."""
     ds = copy.deepcopy(load_ds_json(cfg.deepspeed.config))
     accum = batch_arithmetic(cfg.train.global_batch_size, cfg.train.micro_batch_size, world_size)
     for key, value in (("train_batch_size", cfg.train.global_batch_size),
@@ -52,8 +54,10 @@ def build_ds_config(cfg: RunConfig, world_size: int, on_gpu: bool, bf16_ok: bool
                           f"micro_batch_size; set them to \"auto\"")
     _fill(ds, "gradient_clipping", cfg.train.grad_clip)
 
-    # Precision: bf16 on accelerators that have it, fp32 on CPU (CPU bf16 matmuls are slow
-    # and gloo lacks bf16 reductions on some builds); an explicit dtype wins.
+    # Precision (model.dtype=auto): bf16 on accelerators that have it natively, fp32 everywhere
+    # else. On CPU, bf16 matmuls are slow and gloo lacks bf16 reductions on some builds; a GPU
+    # without bf16 (V100) gets fp32 too, not fp16, whose loss scaling is a different training
+    # regime that a user opts into with model.dtype=float16. An explicit dtype wins.
     dtype = cfg.model.dtype
     use_bf16 = dtype == "bfloat16" or (dtype == "auto" and on_gpu and bf16_ok)
     ds.setdefault("bf16", {})

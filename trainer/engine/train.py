@@ -1,32 +1,44 @@
-"""The one training loop: setup -> fit -> evaluate -> save, for every method.
+"""The one training loop: set-up -> resume -> fit (evaluate, save), for every method.
 
 A method is a config value. Everything method-specific lives in extend.py (what
 is added and trained) and losses.py (the local loss); this loop only sees
-`loss = lm + local`. Read top to bottom, it is the whole life of a run:
+`loss = lm + local`. Read top to bottom, `train()` is the whole life of a run:
 
-  config -> ranks -> DeepSpeed config -> backbone + adapters -> engine
-  -> mixture stream -> [micro batches -> backward -> step] x max_steps
-  -> per-domain eval -> checkpoints (also on SIGTERM/SIGUSR1, then exit 75 to requeue)
+  Trainer(cfg): ranks -> DeepSpeed config -> backbone + adapters -> engine -> mixture stream
+  .resume():    step, tokens seen, data position and RNG from the latest checkpoint
+  .open_logs(): config.yaml, metrics.jsonl, tensorboard, progress bar
+  .fit():       [micro batches -> backward -> step -> metrics] x max_steps
+                -> per-domain eval -> checkpoints (also on SIGTERM/SIGUSR1, then exit 75 to requeue)
+
+The steps share state that changes as the run goes (the step, the tokens seen, the
+engine), so they are methods of one object; `save` and `evaluate` can then be called
+from anywhere in the loop without capturing its locals.
 """
 from __future__ import annotations
 
 import argparse
-import math
-import random
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
 from . import checkpoint, dist
 from ..config import ConfigError, RunConfig, load_config, save_config, to_dict
+from ..method.extend import count_parameters, set_domain, trainable_named_parameters
+from ..method.losses import local_loss
 from .data import TrainStream, ValSet, check_mds_dir, original_mask
 from .ds_config import build_ds_config, zero_stage
 from .logger import RunLogger, log, setup_logging
+from .metrics import StepMetrics, peak_mem_gb
+from .model import build_model, frozen_checksum
 from .perplexity import eval_domain, token_nll
+from .rng import rng_state, seed_everything, set_rng_state
+from .schedule import lr_lambda
 
 EXIT_REQUEUE = 75  # "stopped on a signal after a checkpoint": the SLURM wrapper requeues on it
 
@@ -47,36 +59,6 @@ class StopFlag:
         return dist.all_reduce_sum(flag).item() > 0
 
 
-def lr_lambda(cfg: RunConfig):
-    warmup, total, floor = cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio
-
-    def fn(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if cfg.train.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return fn
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-
-
 def check_inputs(cfg: RunConfig) -> None:
     """Fail before any process group or model exists, naming the bad key."""
     for s in cfg.data.streams:
@@ -86,189 +68,233 @@ def check_inputs(cfg: RunConfig) -> None:
             check_mds_dir(s.val, f"data.streams[{s.domain}].val")
 
 
-def train(cfg: RunConfig) -> dict:
-    """Run (or resume) training; returns the final per-domain eval metrics."""
-    # Handlers first: a preemption signal during the (long) start-up must still end in a checkpoint.
-    stop = StopFlag()
-    check_inputs(cfg)
-    world = dist.init_distributed()
-    setup_logging(world.rank)
-    if not dist.on_gpu():
-        # The adapters' zero-initialised output projection makes subnormal floats in the first
-        # dozen steps; x86 CPUs run those steps about a quarter slower (measured with `trainer
-        # bench`; GPUs handle subnormals at full speed). Flushing them to zero changes nothing
-        # above 1e-38.
-        torch.set_flush_denormal(True)
-    run_dir = Path(cfg.run_dir)
-    ckpt_dir = run_dir / "checkpoints"
+def flush_denormals() -> None:
+    """Flush subnormal floats to zero on CPU.
 
-    ds_config = build_ds_config(cfg, world.world_size, dist.on_gpu())
-    stage = zero_stage(ds_config)
-    resume_tag = checkpoint.latest_tag(ckpt_dir) if cfg.checkpoint.resume else None
-    resume_meta = checkpoint.read_meta(ckpt_dir, resume_tag) if resume_tag else None
-    elastic = resume_meta is not None and resume_meta["world_size"] != world.world_size
-    if elastic:
-        # DeepSpeed reads `load_universal` at initialize time, so decide before building the engine.
-        ds_config.setdefault("checkpoint", {})["load_universal"] = True
+    The adapters' zero-initialised output projection makes subnormal floats in the first
+    dozen steps; x86 CPUs run those steps about a quarter slower (measured with `trainer
+    bench`; GPUs handle subnormals at full speed). Flushing them changes nothing above 1e-38.
+    """
+    # numpy builds a dtype's `finfo` on first use and compares the (correct, stored) smallest
+    # subnormal with zero. Once denormals are flushed, the CPU reads subnormal inputs as zero,
+    # the comparison is true, and numpy warns "The value of the smallest subnormal ... is zero"
+    # for each float type used later (by transformers, DeepSpeed...). Built now, they are cached.
+    for t in (np.float16, np.float32, np.float64, np.longdouble):
+        np.finfo(t)
+    torch.set_flush_denormal(True)
 
-    seed_everything(cfg.train.seed)
-    from .model import build_model
-    model, _keepalive, model_hash = build_model(cfg, ds_config, zero3=stage == 3)
-    from ..method.extend import count_parameters, set_domain, trainable_named_parameters
-    from ..method.losses import local_loss
 
-    counts = count_parameters(model)
-    meta = {"method": cfg.method.name, "model_hash": model_hash, "trainable_params": counts["trainable"],
-            "world_size": world.world_size, "zero_stage": stage}
-    if resume_meta:
-        checkpoint.check_compatible(resume_meta, meta, ckpt_dir / resume_tag)
-    log.info("method %s: %d trainable / %d backbone params (%.2f%%), world size %d, ZeRO-%d, grad accum %d",
-             cfg.method.name, counts["trainable"], counts["backbone"], 100 * counts["fraction"], world.world_size,
-             stage, ds_config["gradient_accumulation_steps"])
+@dataclass
+class ResumePoint:
+    """The checkpoint to resume from, chosen before the engine exists: DeepSpeed reads
+    `load_universal` at initialize time, and a checkpoint of another method or backbone
+    must be refused before anything is loaded."""
+    tag: str
+    meta: dict
+    elastic: bool  # saved on another number of ranks: loaded through the universal format
 
-    import deepspeed
-    params = [p for _, p in trainable_named_parameters(model)]
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=params, config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
-    device = dist.device()
 
-    stream = TrainStream(cfg, cfg.train.micro_batch_size, world.world_size)
-    val_sets = {s.domain: s.val for s in cfg.data.streams if s.val}
+def find_resume_point(cfg: RunConfig, ckpt_dir: Path, world_size: int) -> Optional[ResumePoint]:
+    tag = checkpoint.latest_tag(ckpt_dir) if cfg.checkpoint.resume else None
+    if tag is None:
+        return None
+    meta = checkpoint.read_meta(ckpt_dir, tag)
+    return ResumePoint(tag, meta, elastic=meta["world_size"] != world_size)
 
-    step, tokens_seen, load_s = 0, 0, None
-    if resume_tag:
+
+class Trainer:
+    """One run's state. `__init__` is the set-up; then `resume()`, `open_logs()`, `fit()` (see `train`)."""
+
+    def __init__(self, cfg: RunConfig):
+        check_inputs(cfg)
+        self.cfg = cfg
+        self.world = dist.init_distributed()
+        setup_logging(self.world.rank)
+        if not dist.on_gpu():
+            flush_denormals()
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+
+        self.ds_config = build_ds_config(cfg, self.world.world_size, dist.on_gpu(), dist.bf16_supported())
+        self.stage = zero_stage(self.ds_config)
+        self.accum = self.ds_config["gradient_accumulation_steps"]
+        self.resume_point = find_resume_point(cfg, self.ckpt_dir, self.world.world_size)
+        if self.resume_point and self.resume_point.elastic:
+            self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
+
+        seed_everything(cfg.train.seed)
+        # The DeepSpeed config handle must outlive the model's construction under ZeRO-3.
+        self.model, self._hf_ds_config, model_hash = build_model(cfg, self.ds_config, zero3=self.stage == 3)
+        self.counts = count_parameters(self.model)
+        self.meta = {"method": cfg.method.name, "model_hash": model_hash, "trainable_params": self.counts["trainable"],
+                     "world_size": self.world.world_size, "zero_stage": self.stage}
+        if self.resume_point:
+            checkpoint.check_compatible(self.resume_point.meta, self.meta, self.ckpt_dir / self.resume_point.tag)
+        log.info("method %s: %d trainable / %d backbone params (%.2f%%), world size %d, ZeRO-%d, grad accum %d",
+                 cfg.method.name, self.counts["trainable"], self.counts["backbone"], 100 * self.counts["fraction"],
+                 self.world.world_size, self.stage, self.accum)
+
+        import deepspeed
+        params = [p for _, p in trainable_named_parameters(self.model)]
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=self.model, model_parameters=params, config=self.ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+        self.device = dist.device()
+
+        self.stream = TrainStream(cfg, cfg.train.micro_batch_size, self.world.world_size)
+        self.val_sets = {s.domain: s.val for s in cfg.data.streams if s.val}
+        self.domains = [s.domain for s in cfg.data.streams]
+        self.step, self.tokens_seen = 0, 0
+        self.load_s: Optional[float] = None
+        self.logger: Optional[RunLogger] = None
+
+    def resume(self) -> None:
+        """Continue from the checkpoint found at set-up, if any: step, tokens seen, data position, RNG."""
+        point = self.resume_point
+        if point is None:
+            return
         t_load = time.perf_counter()
-        load_dir = checkpoint.convert_to_universal(ckpt_dir, resume_tag) if elastic else ckpt_dir
-        _, client = engine.load_checkpoint(str(load_dir), tag=resume_tag, load_module_strict=False,
-                                           load_optimizer_states=True, load_lr_scheduler_states=True)
+        load_dir = checkpoint.convert_to_universal(self.ckpt_dir, point.tag) if point.elastic else self.ckpt_dir
+        _, client = self.engine.load_checkpoint(str(load_dir), tag=point.tag, load_module_strict=False,
+                                                load_optimizer_states=True, load_lr_scheduler_states=True)
         if client is None:
-            raise ConfigError(f"{ckpt_dir / resume_tag}: DeepSpeed could not load this checkpoint")
-        checkpoint.restore_module(engine)
-        step, tokens_seen = client["step"], client["tokens_seen"]
-        stream.load_state(client["loader"])
+            raise ConfigError(f"{self.ckpt_dir / point.tag}: DeepSpeed could not load this checkpoint")
+        checkpoint.restore_module(self.engine)
+        self.step, self.tokens_seen = client["step"], client["tokens_seen"]
+        self.stream.load_state(client["loader"])
         set_rng_state(client["rng"])
-        load_s = time.perf_counter() - t_load
-        log.info("resumed from %s at step %d%s", resume_tag, step,
-                 f" (world size {resume_meta['world_size']} -> {world.world_size})" if elastic else "")
-    if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        self.load_s = time.perf_counter() - t_load
+        log.info("resumed from %s at step %d%s", point.tag, self.step,
+                 f" (world size {point.meta['world_size']} -> {self.world.world_size})" if point.elastic else "")
 
-    logger = RunLogger(run_dir, world.is_main, cfg.train.max_steps, step, cfg.log.tensorboard, cfg.log.wandb,
-                       cfg.log.progress, to_dict(cfg))
-    if world.is_main and step == 0:
-        logger.write({"params": counts, "world_size": world.world_size, "zero_stage": stage}, step)
-    if load_s is not None:
-        logger.write({"resumed_from": resume_tag, "world_size": world.world_size, "load_s": round(load_s, 3)}, step)
-    accum = ds_config["gradient_accumulation_steps"]
-    domains = [s.domain for s in cfg.data.streams]
+    def open_logs(self) -> None:
+        """Write config.yaml and start the run logger. Only after `resume()`: a checkpoint that
+        fails to load must leave run_dir untouched, and the progress bar starts at the resumed step."""
+        if self.world.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.run_dir / "config.yaml")
+        log_cfg = self.cfg.log
+        self.logger = RunLogger(self.run_dir, self.world.is_main, self.cfg.train.max_steps, self.step,
+                                log_cfg.tensorboard, log_cfg.wandb, log_cfg.progress, to_dict(self.cfg))
+        if self.world.is_main and self.step == 0:
+            self.logger.write({"params": self.counts, "world_size": self.world.world_size,
+                               "zero_stage": self.stage}, self.step)
+        if self.load_s is not None:
+            self.logger.write({"resumed_from": self.resume_point.tag, "world_size": self.world.world_size,
+                               "load_s": round(self.load_s, 3)}, self.step)
 
-    def save(at_step: int) -> None:
-        client = {"step": at_step, "tokens_seen": tokens_seen, "loader": stream.state_dict(), "rng": rng_state()}
-        t_save = time.perf_counter()
-        tag = checkpoint.save(engine, ckpt_dir, at_step, client, meta, cfg.checkpoint.keep_last)
-        save_s = time.perf_counter() - t_save
-        size = sum(f.stat().st_size for f in (ckpt_dir / tag).iterdir()) if world.is_main else 0
-        logger.write({"checkpoint": tag, "save_s": round(save_s, 3), "bytes": size}, at_step)
-        log.info("checkpoint %s saved (%.1f MB, %.1fs)", tag, size / 1e6, save_s)
+    def fit(self, stop: StopFlag) -> dict:
+        """Train up to max_steps, evaluating and checkpointing on the way.
 
-    def evaluate(at_step: int) -> dict:
-        engine.eval()
+        A stop signal is honoured between steps, once all ranks agree, so that the checkpoint is
+        of one consistent step; `main` then exits 75 and the SLURM wrapper requeues the job.
+        """
+        cfg = self.cfg
+        if cfg.log.frozen_checksum:
+            self.logger.write({"frozen_checksum": frozen_checksum(self.model), "when": "start"}, self.step)
+        if self.step == 0 and cfg.eval.at_start and self.val_sets:
+            self.evaluate(0)
+        self.engine.train()
+        last_saved = self.step
+        while self.step < cfg.train.max_steps:
+            t0 = time.perf_counter()
+            metrics, step_tokens = self.train_step()
+            self.step += 1
+            self.tokens_seen += step_tokens
+            dt = time.perf_counter() - t0
+            if self.step % cfg.log.every == 0 or self.step == cfg.train.max_steps:
+                self.log_step(metrics, step_tokens / dt)
+            before_end = self.step < cfg.train.max_steps  # the end has its own eval and save
+            if cfg.eval.every and self.step % cfg.eval.every == 0 and before_end:
+                self.evaluate(self.step)
+            if stop.agreed(self.device):
+                log.warning("stop signal received: checkpointing at step %d and exiting for requeue", self.step)
+                self.save(self.step)
+                self.logger.close()
+                return {"stopped": True, "step": self.step}
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and before_end:
+                self.save(self.step)
+                last_saved = self.step
+
+        results = self.evaluate(self.step) if self.val_sets else {}
+        if last_saved != self.step or not checkpoint.latest_tag(self.ckpt_dir):
+            self.save(self.step)
+        if cfg.log.frozen_checksum:
+            self.logger.write({"frozen_checksum": frozen_checksum(self.model), "when": "end"}, self.step)
+        self.logger.close()
+        return {"stopped": False, "step": self.step, "eval": results}
+
+    def train_step(self) -> tuple[StepMetrics, int]:
+        """One optimizer step over `accum` micro batches; returns its metrics and its token count.
+
+        The metrics are reduced over ranks at every step, logged or not: it is a collective.
+        """
+        micro_batches = [self.stream.next_batch() for _ in range(self.accum)]
+        masks = [original_mask(b["domain"], self.cfg.data.streams) for b in micro_batches]
+        seq_len = micro_batches[0]["input_ids"].shape[1]
+        l1_tokens = self.l1_tokens(masks, seq_len)
+        metrics = StepMetrics(self.domains, self.accum, self.world.world_size, self.device)
+        for batch, mask in zip(micro_batches, masks):
+            ids = batch["input_ids"].to(self.device)
+            set_domain(self.model, mask.to(self.device), l1_tokens=l1_tokens)
+            nll = token_nll(self.engine(input_ids=ids).logits, ids)
+            local, stats = local_loss(self.model, self.cfg.method)
+            self.engine.backward(nll.mean() + local)
+            self.engine.step()
+            metrics.add(nll, batch["domain"], local, stats)
+        metrics.reduce()
+        return metrics, self.cfg.train.global_batch_size * ids.shape[1]
+
+    def l1_tokens(self, masks: list[torch.Tensor], seq_len: int) -> float:
+        """Original-domain tokens per micro batch and rank, averaged over the whole step.
+
+        The l1 is a mean over the original tokens of the whole optimizer step (all ranks and
+        accumulation steps), so that it is the same loss on any number of ranks.
+        """
+        local = torch.tensor([float(sum(m.sum() for m in masks) * seq_len)], device=self.device)
+        return dist.all_reduce_sum(local).item() / (self.world.world_size * self.accum)
+
+    def log_step(self, metrics: StepMetrics, tokens_per_s: float) -> None:
+        record = metrics.record(lr=self.scheduler.get_last_lr()[0], tokens_seen=self.tokens_seen,
+                                tokens_per_s=tokens_per_s, peak_mem_gb=peak_mem_gb())
+        self.logger.write(record, self.step)
+        self.logger.progress(self.step, {"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}"})
+
+    def evaluate(self, at_step: int) -> dict:
+        """Bits per byte on every domain's held-out set; every rank takes part (ZeRO-3 gathers)."""
+        self.engine.eval()
         results = {}
-        for domain, path in val_sets.items():
-            vs = ValSet(path, world.rank, world.world_size, cfg.eval.batch_size, cfg.eval.max_batches)
-            results[domain] = eval_domain(lambda ids: engine(input_ids=ids).logits, vs, device)
-        engine.train()
-        logger.write({"eval": results}, at_step)
-        if world.is_main:
+        for domain, path in self.val_sets.items():
+            vs = ValSet(path, self.world.rank, self.world.world_size, self.cfg.eval.batch_size,
+                        self.cfg.eval.max_batches)
+            results[domain] = eval_domain(lambda ids: self.engine(input_ids=ids).logits, vs, self.device)
+        self.engine.train()
+        self.logger.write({"eval": results}, at_step)
+        if self.world.is_main:
             log.info("eval step %d: %s", at_step,
                      "  ".join(f"{d} bpb {r['bpb']:.4f}" for d, r in results.items()))
         return results
 
-    if cfg.log.frozen_checksum:
-        from .model import frozen_checksum
-        logger.write({"frozen_checksum": frozen_checksum(model), "when": "start"}, step)
-    if step == 0 and cfg.eval.at_start and val_sets:
-        evaluate(0)
-    engine.train()
-    last_saved = step
-    while step < cfg.train.max_steps:
-        t0 = time.perf_counter()
-        # Per-domain sums over the step, kept on the device (no host sync per micro batch):
-        # rows = domains, columns = [lm nll, predicted tokens, samples].
-        sums = torch.zeros(len(domains), 3, dtype=torch.float64, device=device)
-        local_sum, stats_sum = torch.zeros((), device=device), {}
-        micro_batches = [stream.next_batch() for _ in range(accum)]
-        masks = [original_mask(b["domain"], cfg.data.streams) for b in micro_batches]
-        # The l1 is a mean over the original tokens of the whole optimizer step (all ranks and
-        # accumulation steps), so that it is the same loss on any number of ranks.
-        seq_len = micro_batches[0]["input_ids"].shape[1]
-        n_orig = dist.all_reduce_sum(torch.tensor([float(sum(m.sum() for m in masks) * seq_len)], device=device))
-        l1_tokens = n_orig.item() / (world.world_size * accum)
-        for batch, mask in zip(micro_batches, masks):
-            ids = batch["input_ids"].to(device)
-            set_domain(model, mask.to(device), l1_tokens=l1_tokens)
-            logits = engine(input_ids=ids).logits
-            nll = token_nll(logits, ids)
-            lm = nll.mean()
-            local, stats = local_loss(model, cfg.method)
-            engine.backward(lm + local)
-            engine.step()
-            rows = torch.tensor([domains.index(d) for d in batch["domain"]], device=device)
-            per_sample = torch.stack([nll.detach().sum(dim=1).double(),
-                                      torch.full_like(rows, nll.shape[1], dtype=torch.float64),
-                                      torch.ones_like(rows, dtype=torch.float64)], dim=1)
-            sums.index_add_(0, rows, per_sample)
-            local_sum += local.detach() / accum
-            for k, v in stats.items():
-                stats_sum[k] = stats_sum.get(k, 0.0) + torch.as_tensor(v, device=device).detach().float() / accum
-        step += 1
-        tokens_seen += cfg.train.global_batch_size * ids.shape[1]
-        sums = dist.all_reduce_sum(sums).cpu()
-        local_total = dist.all_reduce_sum(local_sum).item() / world.world_size
-        stats_total = {k: round(v.item(), 6) for k, v in stats_sum.items()}
-        dt = time.perf_counter() - t0
-        if step % cfg.log.every == 0 or step == cfg.train.max_steps:
-            lm_by_domain = {d: sums[j, 0].item() / sums[j, 1].item() for j, d in enumerate(domains) if sums[j, 1] > 0}
-            total_tokens = sums[:, 1].sum().item()
-            record = {
-                "loss": sums[:, 0].sum().item() / max(total_tokens, 1) + local_total,
-                "lm_loss": sums[:, 0].sum().item() / max(total_tokens, 1),
-                "local_loss": local_total, "lm_loss_by_domain": lm_by_domain,
-                "samples_by_domain": {d: int(sums[j, 2].item()) for j, d in enumerate(domains)},
-                "lr": scheduler.get_last_lr()[0], "tokens_seen": tokens_seen,
-                "tokens_per_s": cfg.train.global_batch_size * ids.shape[1] / dt,
-                "peak_mem_gb": _peak_mem_gb(), **({"local": stats_total} if stats_total else {}),
-            }
-            logger.write(record, step)
-            logger.progress(step, {"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}"})
-        if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.max_steps:
-            evaluate(step)
-        if stop.agreed(device):
-            log.warning("stop signal received: checkpointing at step %d and exiting for requeue", step)
-            save(step)
-            logger.close()
-            return {"stopped": True, "step": step}
-        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.max_steps:
-            save(step)
-            last_saved = step
-
-    results = evaluate(step) if val_sets else {}
-    if last_saved != step or not checkpoint.latest_tag(ckpt_dir):
-        save(step)
-    if cfg.log.frozen_checksum:
-        from .model import frozen_checksum
-        logger.write({"frozen_checksum": frozen_checksum(model), "when": "end"}, step)
-    logger.close()
-    return {"stopped": False, "step": step, "eval": results}
+    def save(self, at_step: int) -> None:
+        """A checkpoint that resumes exactly: DeepSpeed's state plus the step, data position and RNG."""
+        client = {"step": at_step, "tokens_seen": self.tokens_seen, "loader": self.stream.state_dict(),
+                  "rng": rng_state()}
+        t_save = time.perf_counter()
+        tag = checkpoint.save(self.engine, self.ckpt_dir, at_step, client, self.meta, self.cfg.checkpoint.keep_last)
+        save_s = time.perf_counter() - t_save
+        size = sum(f.stat().st_size for f in (self.ckpt_dir / tag).iterdir()) if self.world.is_main else 0
+        self.logger.write({"checkpoint": tag, "save_s": round(save_s, 3), "bytes": size}, at_step)
+        log.info("checkpoint %s saved (%.1f MB, %.1fs)", tag, size / 1e6, save_s)
 
 
-def _peak_mem_gb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB on Linux
+def train(cfg: RunConfig) -> dict:
+    """Run (or resume) training; returns the final per-domain eval metrics."""
+    # Handlers first: a preemption signal during the (long) start-up must still end in a checkpoint.
+    stop = StopFlag()
+    trainer = Trainer(cfg)
+    trainer.resume()
+    trainer.open_logs()
+    return trainer.fit(stop)
 
 
 def main(argv=None) -> int:

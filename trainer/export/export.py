@@ -30,7 +30,7 @@ def load_trained(run_dir: Path, tag: Optional[str] = None, dtype: torch.dtype = 
     from ..engine import checkpoint
     from ..method.extend import extend_model
     from ..engine.model import backbone_hash, load_backbone
-    from ..engine.train import seed_everything
+    from ..engine.rng import seed_everything
 
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
