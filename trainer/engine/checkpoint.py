@@ -10,20 +10,22 @@ previous checkpoint instead of a half-written one.
 
 Resuming on a different number of ranks: DeepSpeed's ZeRO optimizer state is
 partitioned per rank, so we convert the checkpoint once to DeepSpeed's universal
-format (`ds_to_universal`) and load it with `load_universal`. The data position
-is stored as global samples per epoch, which is independent of the world size.
+format (its `ds_to_universal` command) and load it with `load_universal`. The data
+position is stored as global samples per epoch, which is independent of the world size.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-from collections import OrderedDict
+import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 from . import dist
+from .. import compat
 from ..config import ConfigError
 from .logger import log
 
@@ -81,17 +83,9 @@ def _master_only(engine):
     if not _master_is_complete(engine):
         yield
         return
-    trainable = {n for n, p in engine.module.named_parameters() if p.requires_grad}
-    full = engine.module_state_dict
-
-    def module_state_dict(*args, **kwargs):
-        return OrderedDict((k, v) for k, v in full(*args, **kwargs).items() if k not in trainable)
-
-    engine.module_state_dict = module_state_dict
-    try:
+    trainable = [n for n, p in engine.module.named_parameters() if p.requires_grad]
+    with compat.module_state_dict_without(engine, trainable):
         yield
-    finally:
-        del engine.module_state_dict
 
 
 def restore_module(engine) -> None:
@@ -101,7 +95,7 @@ def restore_module(engine) -> None:
     would keep the module copy, which `_master_only` did not save.
     """
     if _master_is_complete(engine):
-        engine.optimizer.update_lp_params()
+        compat.copy_master_to_module(engine)
 
 
 def save(engine, ckpt_dir: Path, step: int, client_state: dict, meta: dict, keep_last: int) -> str:
@@ -136,19 +130,26 @@ def convert_to_universal(ckpt_dir: Path, tag: str) -> Path:
     """Rank 0 converts `tag` to DeepSpeed's universal format (once); others wait."""
     out = universal_dir(ckpt_dir, tag)
     if dist.detect_world().is_main and not (out / ".done").exists():
-        from types import SimpleNamespace
-
-        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
         log.info("converting %s to a universal checkpoint (world size changed)", tag)
         tmp = ckpt_dir / f".{tag}_universal.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        ds_to_universal(SimpleNamespace(
-            input_folder=str(ckpt_dir / tag), output_folder=str(tmp / tag), num_extract_workers=1,
-            num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
+        _ds_to_universal(ckpt_dir / tag, tmp / tag)
         # DeepSpeed's loader wants <dir>/<tag>/ with the model-states files alongside.
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
         (out / ".done").touch()
     dist.barrier()
     return out
+
+
+def _ds_to_universal(src: Path, dst: Path) -> None:
+    """DeepSpeed's converter, run as the command its documentation gives (its Python `main`
+    takes an argparse namespace, not a public signature). Strict checks stay on (the default)."""
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
+           "--output_folder", str(dst), "--num_extract_workers", "1", "--num_merge_workers", "1",
+           "--inject_missing_state"]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"converting {src} to a universal checkpoint failed (exit {p.returncode}): "
+                           f"{' '.join(cmd)}\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
+    log.debug("ds_to_universal output:\n%s", p.stdout)

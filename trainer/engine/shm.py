@@ -27,9 +27,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from .. import compat
+
 SHM_DIR = Path("/dev/shm")
-# DeepSpeed's name for them (ops/csrc/cpu/comm/shm.cpp); streaming's come from streaming.base.constant.
-DEEPSPEED_BUFFER = r"deepspeed_allreduce_buffer_.+"
 
 
 def _in_use(uid: int) -> set[str]:
@@ -64,10 +64,7 @@ def clean_stale_shm() -> list[str]:
 
         clean_stale_shared_memory()
         return []
-    from streaming.base.constant import SHM_TO_CLEAN
-
-    # streaming names its segments f"{prefix_int:06}_{name}" (streaming.base.shared.prefix._get_path).
-    pattern = re.compile(rf"\d{{6,}}_({'|'.join(SHM_TO_CLEAN)})|{DEEPSPEED_BUFFER}")
+    pattern = re.compile(f"{compat.streaming_shm_pattern()}|{compat.deepspeed_shm_pattern()}")
     uid = os.getuid()
     candidates = []
     for entry in SHM_DIR.iterdir():
@@ -102,12 +99,11 @@ def registering() -> Iterator[None]:
     One lock per user: another user's file in a sticky dir could not be opened for writing.
     """
     from filelock import FileLock
-    from streaming.base.world import World
 
     from .dist import barrier
 
     lock = None
-    if World.detect().is_local_leader:
+    if compat.streaming_registers_prefix():
         root = SHM_DIR if SHM_DIR.is_dir() else Path(tempfile.gettempdir())
         lock = FileLock(str(root / f"trainer-streaming-{os.getuid()}.lock"))
         lock.acquire()

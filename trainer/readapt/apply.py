@@ -90,15 +90,19 @@ def load_psi(psi: Optional[Path], base_dir: Path, dtype: torch.dtype,
     raise ReadaptError(f"{psi}: not a run directory, an adapters directory, an export or a HF model directory")
 
 
-def _hf_name(name: str, method: Optional[MethodConfig]) -> str:
+def _hf_name(name: str, method: Optional[MethodConfig], lora_bases: dict[str, str]) -> str:
     """The checkpoint name of an extended model's backbone parameter (wrappers keep the original module)."""
-    if method is None:
-        return name
-    if method.name in ADAPTER_METHODS:
+    if method is not None and method.name in ADAPTER_METHODS:
         return name.replace(".mlp.mlp.", ".mlp.")  # ParallelAdapterMLP keeps the original MLP as `.mlp`
-    if method.name == "lora":
-        return name.replace(".base_layer.", ".")  # peft keeps the original Linear as `.base_layer`
-    return name
+    module, _, leaf = name.rpartition(".")
+    return f"{lora_bases[module]}.{leaf}" if module in lora_bases else name
+
+
+def _lora_bases(model: nn.Module) -> dict[str, str]:
+    """{module path of each Linear a LoRA layer wraps: its checkpoint path, where the LoRA layer now sits}."""
+    path = {id(m): n for n, m in model.named_modules()}
+    return {path[id(layer.get_base_layer())]: weight.removesuffix(".weight")
+            for weight, layer in _lora_layers(model).items()}
 
 
 def backbone_parameters(model: nn.Module, method: Optional[MethodConfig]) -> dict[str, nn.Parameter]:
@@ -108,7 +112,8 @@ def backbone_parameters(model: nn.Module, method: Optional[MethodConfig]) -> dic
     psi_ids = set()
     if method is not None and method.name != "finetune":
         psi_ids = {id(p) for _, p in trainable_named_parameters(model)}
-    return {_hf_name(n, method): p for n, p in model.named_parameters(remove_duplicate=False)
+    lora_bases = _lora_bases(model) if method is not None and method.name == "lora" else {}
+    return {_hf_name(n, method, lora_bases): p for n, p in model.named_parameters(remove_duplicate=False)
             if id(p) not in psi_ids}
 
 
