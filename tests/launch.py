@@ -14,6 +14,29 @@ from trainer.engine.dist import free_port  # noqa: F401 - the tests import it fr
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# Prepended to scripts that a fresh interpreter runs to load exported directories: the project
+# may be installed (editable) in that interpreter, so its packages are hidden, as on a machine that
+# never had them, and any import of them by the exported code fails the test.
+HIDE_PROJECT = r'''
+import sys
+
+
+class HideProject:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("trainer", "data_prep"):
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden by the test)")
+        return None
+
+
+sys.meta_path.insert(0, HideProject())
+try:
+    import trainer
+    raise AssertionError("the project is importable: the test would prove nothing")
+except ModuleNotFoundError:
+    pass
+'''
+
+
 def write_config(cfg: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))

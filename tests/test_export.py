@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch import ROOT, env, free_port, run
+from launch import HIDE_PROJECT, ROOT, env, free_port, run
 from tiny_models import FAMILIES, random_batch, tiny_model
 from trained_runs import METHODS, shared_runs
 
@@ -30,26 +30,7 @@ REMOTE_CODE = ("modeling_parallel_adapter.py", "adapter.py")
 PACKAGE_CODE = ROOT / "trainer" / "method"
 
 # Runs in the fresh interpreter: loads each listed dir, saves its logits on the same ids.
-LOADER = r'''
-import sys
-
-
-class HideRepo:
-    """The project may be installed (editable) in this interpreter: hide its packages, as on a machine
-    that never had them, so any import of them by the exported code fails the test."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in ("trainer", "data_prep"):
-            raise ModuleNotFoundError(f"No module named {name!r} (hidden by the export test)")
-        return None
-
-
-sys.meta_path.insert(0, HideRepo())
-try:
-    import trainer
-    raise AssertionError("the repo is importable: the test would prove nothing")
-except ModuleNotFoundError:
-    pass
+LOADER = HIDE_PROJECT + r'''
 import json, torch
 from transformers import AutoModelForCausalLM
 manifest = json.load(open(sys.argv[1]))
