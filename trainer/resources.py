@@ -10,17 +10,24 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-# Relative prefixes a user may write, and the package that holds those files once installed.
-PACKAGED = {"ds_configs": "trainer.ds_configs"}
-
 
 def packaged_file(package: str, *parts: str) -> Path:
     """A real path to a package-data file (pip installs packages as plain directories)."""
     return Path(str(resources.files(package).joinpath(*parts)))
 
 
+def ds_config(name: str) -> Path:
+    """A shipped ZeRO config by file name, e.g. `ds_config("zero3.json")`."""
+    return packaged_file("trainer.ds_configs", name)
+
+
+def demo_config(name: str) -> Path:
+    """A shipped demo YAML by stem, e.g. `demo_config("extend")`."""
+    return packaged_file("trainer.demo", "configs", f"{name}.yaml")
+
+
 def resolve(path: str | Path) -> Path:
-    """`path` as the user meant it: absolute, else from the working directory, else packaged.
+    """`path` as the user meant it: absolute, else from the working directory, else shipped.
 
     Returns the working-directory path when nothing matches, so the caller's "file not found"
     names what the user wrote.
@@ -28,20 +35,6 @@ def resolve(path: str | Path) -> Path:
     p = Path(path).expanduser()
     if p.is_absolute() or p.exists():
         return p
-    parent, name = p.parent.as_posix(), p.name
-    for prefix, package in PACKAGED.items():
-        if parent == prefix:
-            candidate = packaged_file(package, name)
-            if candidate.is_file():
-                return candidate
+    if p.parent.as_posix() == "ds_configs" and ds_config(p.name).is_file():
+        return ds_config(p.name)
     return p
-
-
-def ds_config(name: str) -> Path:
-    """A shipped ZeRO config by file name, e.g. `ds_config("zero3.json")`."""
-    return packaged_file(PACKAGED["ds_configs"], name)
-
-
-def demo_config(name: str) -> Path:
-    """A shipped demo YAML by stem, e.g. `demo_config("extend")`."""
-    return packaged_file("trainer.demo", "configs", f"{name}.yaml")
