@@ -152,6 +152,7 @@ class BuildResult:
     paths: dict                   # split -> final MDS dir of this task
     skipped_existing: bool = False
     seconds: float = 0.0
+    not_written: tuple = ()       # held-out splits with 0 samples: warned about, never published
 
     def summary(self) -> str:
         first = next(iter(self.splits.values()))
@@ -162,7 +163,8 @@ class BuildResult:
                  f"({sum(inp['dropped'].values())} dropped, {sum(inp['skipped'].values())} skipped, "
                  f"{inp['paragraphs_deduplicated']} paragraphs deduplicated);"]
         parts += [f"{split}: {st['samples']} samples, {st['sample_tokens']} tokens;"
-                  for split, st in self.splits.items()]
+                  for split, st in self.splits.items() if split not in self.not_written]
+        parts += [f"{split}: 0 samples, not written;" for split in self.not_written]
         if not self.skipped_existing:
             tokens = sum(st["tokens"] for st in self.splits.values())
             parts.append(f"{self.seconds:.1f} s, {tokens / max(self.seconds, 1e-9):,.0f} tokens/s;")
@@ -304,7 +306,19 @@ class _Task:
         elif self.warnings == MAX_SKIP_WARNINGS + 1:
             _warn("warning: more records skipped; all are counted in stats.json", self.bar)
 
-    def finish(self, layout: Layout, fp: str) -> dict:
+    def empty_val(self, layout: Layout) -> tuple:
+        """The held-out split when it got 0 samples (too few tokens to fill one sample) in an
+        unsharded build: publishing it would only defer the failure to a trainer's final eval.
+        A shard's val may be empty while the merged one is not, so `merge` decides for shards."""
+        if layout.sharded or "val" not in self.cfg.splits or self.split_stats["val"].samples:
+            return ()
+        st = self.split_stats["val"]
+        _warn(f"warning: {layout.final('val')}: 0 samples ({st.docs} documents, {st.tokens} tokens held out, "
+              f"a sample needs --seq-len {self.cfg.seq_len}); no val split written: use a larger "
+              "--val-fraction or more input", self.bar)
+        return ("val",)
+
+    def finish(self, layout: Layout, fp: str, not_written: tuple = ()) -> dict:
         for w in self.writers.values():
             w.finish()
         all_hashes = np.sort(np.concatenate(self.block_hashes)) if self.block_hashes else np.zeros(0, np.uint64)
@@ -313,9 +327,14 @@ class _Task:
         for split in self.cfg.splits:
             d = layout.staging(split)
             stats = stats_json(self.cfg.domain, split, self.cfg.seq_len, self.split_stats[split], self.inp)
-            write_json(d / STATS_JSON, stats)
-            write_json(d / DONE_JSON, {"fingerprint": fp, "task": layout.name, "split": split})
             result[split] = stats
+            if split in not_written:
+                continue
+            write_json(d / STATS_JSON, stats)
+            done = {"fingerprint": fp, "task": layout.name, "split": split}
+            if split == "train":
+                done["not_written"] = list(not_written)   # a re-run finds the build complete without them
+            write_json(d / DONE_JSON, done)
         if layout.sharded:
             np.save(layout.staging("train") / HASHES_NPY, all_hashes)
         return result
@@ -364,8 +383,11 @@ def build(cfg: Optional[BuildConfig] = None, **kwargs) -> BuildResult:
     fp = layout.claim(fingerprint_config(cfg, sources, tok))
     paths = {s: layout.final(s) for s in cfg.splits}
     if layout.is_done(fp):
-        return BuildResult(cfg.out, layout.name, {s: read_json(paths[s] / STATS_JSON) for s in cfg.splits},
-                           paths, skipped_existing=True)
+        missing = layout.not_written()
+        return BuildResult(cfg.out, layout.name,
+                           {s: read_json(paths[s] / STATS_JSON) for s in cfg.splits if s not in missing},
+                           {s: p for s, p in paths.items() if s not in missing}, skipped_existing=True,
+                           not_written=missing)
     layout.clear()
     mine = shard_blocks(len(blocks), cfg.num_shards, cfg.shard_index) if cfg.num_shards else range(len(blocks))
     bar = _progress_bar(cfg.progress, f"{cfg.domain} {layout.name}")
@@ -380,12 +402,14 @@ def build(cfg: Optional[BuildConfig] = None, **kwargs) -> BuildResult:
                 skipped = sum(task.inp.skipped.values())
                 raise InputError(cfg.inputs[0], 0, "the input set holds no documents"
                                  + (f" ({skipped} bad records skipped)" if skipped else ""))
-            stats = task.finish(layout, fp)
+            not_written = task.empty_val(layout)
+            stats = task.finish(layout, fp, not_written)
     except BaseException:
         layout.discard_staging()   # a failed task leaves nothing behind; a killed one leaves staging only
         raise
     finally:
         if bar is not None:
             bar.close()
-    layout.publish()
-    return BuildResult(cfg.out, layout.name, stats, paths, seconds=time.time() - start)
+    layout.publish(skip=not_written)
+    return BuildResult(cfg.out, layout.name, stats, {s: p for s, p in paths.items() if s not in not_written},
+                       seconds=time.time() - start, not_written=not_written)

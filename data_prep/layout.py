@@ -1,7 +1,8 @@
 """Where a build writes, and how it makes its output appear only once complete.
 
     OUT/build.json                 settings and fingerprint of the build that owns OUT
-    OUT/train/, OUT/val/           unsharded: each an MDS dir (index.json, shards, stats.json, done.json)
+    OUT/train/, OUT/val/           unsharded: each an MDS dir (index.json, shards, stats.json, done.json);
+                                   no OUT/val when it got 0 samples (train's done.json says so)
     OUT/train/shard-0000I/ ...     sharded: one MDS dir per array task, joined by `merge`
                                    into OUT/train/index.json + stats.json
     OUT/.staging/NAME/SPLIT/       where a task writes before publishing
@@ -83,11 +84,19 @@ class Layout:
                    for split in ("train", "val"))
 
     def is_done(self, fp: str) -> bool:
+        skip = self.not_written()
         for split in self.splits:
+            if split in skip:
+                continue
             done = self.final(split) / DONE_JSON
             if not done.is_file() or read_json(done).get("fingerprint") != fp:
                 return False
         return True
+
+    def not_written(self) -> tuple:
+        """The splits the published task left out for having 0 samples (recorded in train's done.json)."""
+        done = self.final("train") / DONE_JSON
+        return tuple(read_json(done).get("not_written", ())) if done.is_file() else ()
 
     def clear(self) -> None:
         """Removes this task's staging and any partial final output, and a stale merged index."""
@@ -115,8 +124,11 @@ class Layout:
             except OSError:
                 pass    # not empty: another task is still staging
 
-    def publish(self) -> None:
+    def publish(self, skip: tuple = ()) -> None:
         for split in reversed(self.splits):     # val first: train's presence means the task finished
+            if split in skip:
+                shutil.rmtree(self.staging(split))
+                continue
             final = self.final(split)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.rename(self.staging(split), final)

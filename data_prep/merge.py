@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,8 @@ from .stats import read_json, sum_stats, write_json
 
 
 def merge(out: str) -> dict:
-    """Merges a sharded build in place; returns {split: merged stats}."""
+    """Merges a sharded build in place; returns {split: merged stats} of the splits written
+    (not val when it has 0 samples)."""
     out = Path(out)
     if not (out / BUILD_JSON).is_file():
         raise InputError(str(out), 0, "not the --out of a data_prep build (no build.json)")
@@ -54,6 +56,14 @@ def merge(out: str) -> dict:
         dirs = [out / split / shard_name(i) for i in range(k)]
         stats = sum_stats([read_json(d / STATS_JSON) for d in dirs])
         stats["input"]["cross_block_duplicate_paragraphs"] = cross
+        if split == "val" and stats["samples"] == 0:
+            # As in an unsharded build: no empty held-out set for a trainer to fail on at its final eval.
+            for name in ("index.json", STATS_JSON):
+                (out / split / name).unlink(missing_ok=True)
+            print(f"warning: {out / split}: 0 samples in {k} shards ({stats['docs']} documents, {stats['tokens']} "
+                  f"tokens held out, a sample needs --seq-len {stats['seq_len']}); no val index written: "
+                  "use a larger --val-fraction or more input", file=sys.stderr, flush=True)
+            continue
         write_json(out / split / STATS_JSON, stats)
         _merge_index([d / "index.json" for d in dirs], out / split)
         merged[split] = stats

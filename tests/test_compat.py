@@ -117,8 +117,11 @@ def _deepspeed_worker(work: str) -> None:
     ckpt = work / "ckpt"
 
     def save():
-        with compat.module_state_dict_without(a, trainable):
+        with compat.module_state_dict_without(a, trainable), compat.recording_checkpoint_writes(a) as written:
             a.save_checkpoint(str(ckpt), tag="t", save_latest=False, exclude_frozen_parameters=True)
+        result["written"] = sorted(Path(p).name for p in written)
+        result["pt_files"] = sorted(p.name for p in (ckpt / "t").glob("*.pt"))
+        result["recording_left_behind"] = "save" in vars(a.checkpoint_engine)
         result["override_left_behind"] = "module_state_dict" in vars(a)
         [states] = (ckpt / "t").glob("*model_states.pt")
         result["module_keys"] = sorted(torch.load(states, map_location="cpu", weights_only=False)["module"])
@@ -132,6 +135,12 @@ def _deepspeed_worker(work: str) -> None:
 
     def universal():
         out = convert_to_universal(ckpt, "t")
+        allowed = {f"{t.__module__}.{t.__qualname__}" for t in compat.deepspeed_checkpoint_globals()}
+        unsafe = {str(p.relative_to(work)): torch.serialization.get_unsafe_globals_in_checkpoint(p)
+                  for d in (ckpt / "t", out) for p in sorted(d.rglob("*.pt"))}
+        result["globals_outside_allow_list"] = {k: sorted(set(v) - allowed) for k, v in unsafe.items()
+                                                if set(v) - allowed}
+        result["files_checked"] = len(unsafe)
         c = _engine(seed=1, checkpoint={"load_universal": True})
         c.load_checkpoint(str(out), tag="t", load_module_strict=False)
         result["diff_universal"] = _max_diff(c, expected)
@@ -190,6 +199,24 @@ def test_universal_conversion_reads_the_master(deepspeed_run):
     assert deepspeed_run["diff_universal"] == 0, (
         f"{_version('deepspeed')}: a master-only checkpoint converted to universal and loaded differs from the "
         f"saved weights by {deepspeed_run['diff_universal']}; resuming on another world size would be wrong")
+
+
+def test_deepspeed_writes_every_checkpoint_file_through_its_checkpoint_engine(deepspeed_run):
+    """compat.recording_checkpoint_writes: each rank learns the files it wrote, to hash them."""
+    _no_error(deepspeed_run, "save")
+    assert deepspeed_run["written"] == deepspeed_run["pt_files"] and deepspeed_run["written"], (
+        f"{_version('deepspeed')} wrote {deepspeed_run['pt_files']} but its checkpoint_engine.save saw "
+        f"{deepspeed_run['written']}: update compat.recording_checkpoint_writes (unhashed files fail verification)")
+    assert not deepspeed_run["recording_left_behind"]
+
+
+def test_deepspeed_checkpoints_hold_only_allow_listed_types(deepspeed_run):
+    """compat.deepspeed_checkpoint_globals: everything DeepSpeed pickles, ZeRO-2 and universal files alike."""
+    _no_error(deepspeed_run, "universal")
+    assert deepspeed_run["files_checked"] > 3
+    assert deepspeed_run["globals_outside_allow_list"] == {}, (
+        f"{_version('deepspeed')} pickles types outside compat.deepspeed_checkpoint_globals: "
+        f"{deepspeed_run['globals_outside_allow_list']}; every resume would refuse its checkpoints")
 
 
 @linux_shm

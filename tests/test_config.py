@@ -45,11 +45,36 @@ def test_unknown_key_names_file_line_and_key(tmp_path):
     ("nosuch.key=1", "nosuch: unknown key"),
     ("data.streams.5.val=x", "override data.streams.5.val: no such entry"),
     ("train.max_steps", "expected key.sub=value"),
+    ("train.lr=-1", "override train.lr: -1.0 must be > 0"),
+    ("train.lr=0", "override train.lr: 0.0 must be > 0"),
+    ("train.lr=.nan", "override train.lr: nan must be > 0"),
+    ("train.betas=[0.9, 1.0]", "override train.betas: [0.9, 1.0] must be in [0, 1)"),
+    ("train.weight_decay=-0.1", "override train.weight_decay: -0.1 must be >= 0"),
+    ("train.warmup_steps=-1", "override train.warmup_steps: -1 must be >= 0"),
+    ("train.min_lr_ratio=1.5", "override train.min_lr_ratio: 1.5 must be in [0, 1]"),
+    ("train.grad_clip=-1", "override train.grad_clip: -1.0 must be >= 0"),
+    ("train.seed=-1", "override train.seed: -1 must be in [0, 2**32)"),
+    ("train.micro_batch_size=0", "override train.micro_batch_size: must be >= 1"),
+    ("log.every=0", "override log.every: 0 must be >= 1"),
+    ("eval.batch_size=0", "override eval.batch_size: 0 must be >= 1"),
+    ("eval.max_batches=0", "override eval.max_batches: 0 must be >= 1"),
+    ("data.num_canonical_nodes=0", "override data.num_canonical_nodes: 0 must be >= 1"),
+    ("data.streams.1.weight=-1", "data.streams[fr].weight: -1.0 must be >= 0"),
 ])
 def test_bad_values_name_the_key(tmp_path, override, needle):
     with pytest.raises(ConfigError, match=None) as e:
         load_config(write(tmp_path, BASE), [override])
     assert needle in str(e.value)
+
+
+def test_two_streams_of_one_domain_name_file_and_line(tmp_path):
+    streams = [*BASE["data"]["streams"], {"domain": "en", "val": "/c"}]
+    path = write(tmp_path, {**BASE, "data": {"streams": streams}})
+    line = [i for i, l in enumerate(open(path), 1) if "domain: en" in l][1]
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == (f"{path}:{line}: data.streams.2.domain: 'en' is already the domain of data.streams.0 "
+                            "(one stream per domain)")
 
 
 def test_missing_sections_and_invalid_yaml(tmp_path):

@@ -408,3 +408,29 @@ def test_build_and_train_tokenizer_through_main(tmp_path, capsys, docs):
     assert r.skipped_existing
     rc, _, err = run_main(capsys, "train-tokenizer", "--input", inp, "--out", tmp_path / "in.jsonl")
     assert rc == 2 and "not a tokenizer directory" in err
+
+
+def test_a_val_split_without_samples_is_not_written(tmp_path, capsys, tok, docs):
+    """Too little held-out text for one sample: a warning, and no empty OUT/val for a trainer to fail on."""
+    inp = write_jsonl(tmp_path / "in.jsonl", docs[:6])
+    argv = [*build_args([inp], tmp_path / "o", tok, "--val-fraction", 0.1), "--seq-len", 256]
+    proc = subprocess.run([sys.executable, "-m", "data_prep", *map(str, argv)], cwd=ROOT, env=clean_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert re.fullmatch(rf"warning: {tmp_path / 'o' / 'val'}: 0 samples \(\d+ documents, \d+ tokens held out, "
+                        r"a sample needs --seq-len 256\); no val split written: .*\n", proc.stderr), proc.stderr
+    assert "val: 0 samples, not written;" in proc.stdout
+    assert (tmp_path / "o" / "train" / "index.json").is_file() and not (tmp_path / "o" / "val").exists()
+    assert not (tmp_path / "o" / ".staging").exists()
+    # The build is complete without it: a re-run does nothing.
+    rc, out, _ = run_main(capsys, *argv)
+    assert rc == 0 and "already complete" in out and "val: 0 samples, not written;" in out
+
+    # Sharded: a shard's val may be empty; merge writes no val index when all of them are.
+    for i in range(2):
+        assert run_main(capsys, *build_args([inp], tmp_path / "s", tok, "--val-fraction", 0.1, "--num-shards", 2,
+                                            "--shard-index", i, "--block-bytes", 300), "--seq-len", 256)[0] == 0
+    rc, out, err = run_main(capsys, "merge", tmp_path / "s")
+    assert rc == 0 and "train: " in out and "val: " not in out
+    assert err.startswith(f"warning: {tmp_path / 's' / 'val'}: 0 samples in 2 shards"), err
+    assert (tmp_path / "s" / "train" / "index.json").is_file() and not (tmp_path / "s" / "val" / "index.json").exists()

@@ -52,6 +52,27 @@ def test_quick_demo_shows_less_forgetting_with_neutral_residues(quick_demo):
     assert again.returncode == 0 and again.stdout.count(": cached") == 9, again.stdout[-2000:]
 
 
+def test_quick_demo_at_a_forgetting_budget(quick_demo):
+    """`--budget EPS` reuses the corpus and backbone, trains the four methods to the budget and prints the
+    equal-forgetting table; a bad EPS is a one-line error before anything runs."""
+    out, _ = quick_demo
+    bad = subprocess.run([sys.executable, "-m", "trainer", "demo", "--quick", "--out", str(out), "--budget", "-1"],
+                         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "error: --budget: -1 must be > 0 (a zero budget has no finite multiplier)"]
+    p = run_demo(out, "--budget", "0.03")
+    assert p.stdout.count(": cached") == 5  # corpus .. export_backbone
+    table = p.stdout.split("At equal forgetting (budget 0.03):")[1]
+    methods = ("finetune", "lora", "adapters", "neutral_residues")
+    assert sorted(line.split(" | ")[1] for line in table.splitlines() if line.startswith("| 0.03 |")) == sorted(methods)
+    rep = json.loads((out / "report_budget0.03" / "report.json").read_text())
+    assert (out / "report_budget0.03" / "budget.png").stat().st_size > 10_000
+    for r in rep["rows"]:
+        assert r["budget"] == 0.03 and [t["step"] for t in r["budget_trace"]] == list(range(10, 61, 10))
+        assert all(t["eps_bpb"] == 0.03 and "lambda" in t for t in r["budget_trace"])
+        assert len(r["evals"]) >= 5  # evals on the way give the held-out degradation curve
+
+
 @pytest.mark.distributed
 def test_quick_demo_on_two_ranks_per_job_gives_the_one_rank_table(quick_demo, tmp_path):
     """Two jobs of 2 ranks side by side: the ranks of each job and the two jobs share the node's

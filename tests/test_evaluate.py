@@ -114,6 +114,31 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, hf_dir, capsys):
     assert "--trust-remote-code" in _error(capsys, [str(hf_dir), "--data", f"en={val}"])
 
 
+@pytest.mark.parametrize("text,reason", [
+    ("{'model_type': 'llama'", "/config.json: not valid JSON: Expecting property name enclosed in double quotes"),
+    ("[1, 2]", "/config.json: not a Hugging Face model config (no model_type)"),
+    ('{"hidden_size": 32}', "/config.json: not a Hugging Face model config (no model_type)"),
+    ('{"model_type": "llama", "hidden_size": "wide"}', ": cannot load a causal LM: "),  # transformers' reason
+])
+def test_a_config_json_that_is_not_a_model_config_is_one_line(tmp_path, capsys, text, reason):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(text)
+    err = _error(capsys, [str(model_dir), "--data", f"en={write_val(tmp_path / 'val', n=2)}"])
+    assert err.startswith(f"error: {model_dir}{reason}"), err
+
+
+def test_python_m_trainer_eval_of_a_broken_config_json(tmp_path):
+    """The real process: exit 2 and one line naming the file, no traceback."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("not json")
+    p = run([sys.executable, "-m", "trainer", "eval", str(tmp_path / "model"),
+             "--data", f"en={write_val(tmp_path / 'val', n=2)}"], check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert p.stderr.strip().splitlines()[-1] == \
+        f"error: {tmp_path / 'model' / 'config.json'}: not valid JSON: Expecting value: line 1 column 1 (char 0)"
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     return shared_runs(tmp_path_factory)

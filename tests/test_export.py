@@ -293,6 +293,14 @@ def test_export_refuses_bad_input(runs, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "no complete checkpoint" in err and err.count("\n") == 1
     assert export.main([str(runs["runs"]["finetune"]), "--out", str(tmp_path / "o"), "--only", "adapters"]) == 2
+    # A tag that does not exist, through the real command: the tags that do are named, nothing is written.
+    ckpt = runs["runs"]["lora"] / "checkpoints"
+    p = run([sys.executable, "-m", "trainer", "export", str(runs["runs"]["lora"]), "--tag", "step_99999999",
+             "--out", str(tmp_path / "o")], check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert p.stderr.strip().splitlines()[-1] == \
+        f"error: {ckpt / 'step_99999999'}: no such complete checkpoint; found: step_00000004"
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ LAYERS = [
     ("trainer.evaluation",),
     ("trainer.readapt", "trainer.demo"),
     ("trainer.bench",),
+    ("trainer.planner",),
     ("trainer.__main__",),
 ]
 

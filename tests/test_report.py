@@ -77,6 +77,46 @@ def test_runs_must_share_domain_roles_and_metrics_lines_are_named(tmp_path, caps
     assert f"{a / 'metrics.jsonl'}:3: invalid JSON" in capsys.readouterr().err
 
 
+def budget_run(root, name, method, budget, evals, lambdas):
+    """A fake run trained under a forgetting budget: its config names it, its steps log the multiplier."""
+    d = fake_run(root, name, method, evals=evals)
+    cfg = yaml.safe_load((d / "config.yaml").read_text())
+    cfg["method"]["forgetting_budget"] = budget
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    eps = 0.02 if budget == "2%" else budget  # 2% of the backbone's 1.0 bits per byte
+    with open(d / "metrics.jsonl", "a") as f:
+        for step, lam in lambdas:
+            f.write(json.dumps({"step": step, "loss": 1.0, "budget": {"lambda": lam, "eps_bpb": eps,
+                                                                         "degradation": eps, "slack": 0.0}}) + "\n")
+    return d
+
+
+def test_budgeted_runs_are_compared_at_equal_forgetting(tmp_path, capsys):
+    import matplotlib.image
+
+    runs = [fake_run(tmp_path, "free", "adapters", evals=[(0, BACKBONE), (10, {"en": 1.3, "code": 1.2})]),
+            budget_run(tmp_path, "ad", "adapters", 0.05, [(0, BACKBONE), (5, {"en": 1.02, "code": 1.8}),
+                                                          (10, {"en": 1.04, "code": 1.6})], [(5, 2.0), (10, 3.5)]),
+            budget_run(tmp_path, "nr", "neutral_residues", 0.05, [(0, BACKBONE), (10, {"en": 1.06, "code": 1.5})],
+                       [(5, 10.0), (10, 20.0)]),
+            budget_run(tmp_path, "rel", "lora", "2%", [(0, BACKBONE), (10, {"en": 1.01, "code": 1.9})], [(10, 1.0)])]
+    assert report.main([*map(str, runs), "--out", str(tmp_path / "rep")]) == 0
+    out = capsys.readouterr().out
+    table = out.split("At equal forgetting:")[1]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("| ")]
+    assert rows[0][:3] == ["budget", "method", "final λ"]
+    # The 2% budget (0.02 bpb) first; at 0.05, neutral residues learned more (code 1.5 < 1.6) but overshot.
+    assert [r[1] for r in rows[1:]] == ["lora", "neutral_residues", "adapters"]
+    assert rows[1][0] == "2% (0.0200 bpb)" and rows[1][3:5] == ["+0.0100", "0.50 EPS ✓"]
+    assert rows[2][2:6] == ["20", "+0.0600", "1.20 EPS ✗", "+0.5000"]
+    assert rows[3][2:6] == ["3.5", "+0.0400", "0.80 EPS ✓", "+0.4000"]
+    assert "free" not in table  # an unbudgeted run has no budget to compare at
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "## At equal forgetting" in md and "![multiplier and degradation](budget.png)" in md
+    img = matplotlib.image.imread(tmp_path / "rep" / "budget.png")
+    assert img.shape[0] > 400 and img[..., :3].std() > 0.05
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     return shared_runs(tmp_path_factory)

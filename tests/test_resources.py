@@ -17,8 +17,9 @@ def test_pyproject_lists_every_package_of_the_tree():
     tree |= set(mapped)
     assert set(tool["packages"]) == tree
     assert mapped == {"trainer.ds_configs": "ds_configs"}
-    # Every ZeRO JSON and demo YAML is declared as package data.
-    assert tool["package-data"] == {"trainer.ds_configs": ["*.json"], "trainer.demo": ["configs/*.yaml"]}
+    # Every ZeRO JSON, demo YAML and the planner's measured CPU baseline are declared as package data.
+    assert tool["package-data"] == {"trainer.ds_configs": ["*.json"], "trainer.demo": ["configs/*.yaml"],
+                                    "trainer.planner": ["*.json"]}
 
 
 def test_shipped_files_are_found_by_name():

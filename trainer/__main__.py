@@ -18,7 +18,9 @@ COMMANDS = {
     "diagnose": ("trainer.evaluation.diagnose", "gate statistics and W_g singular values"),
     "demo": ("trainer.demo.cli", "the CPU quickstart, end to end"),
     "bench": ("trainer.bench.cli", "throughput, memory and checkpoint cost vs finetune"),
+    "faults": ("trainer.bench.faults", "kill and damage a training run again and again; count what survives"),
     "readapt": ("trainer.readapt.cli", "RE-Adapt / LoRE-Adapt: instruction deltas and recombination"),
+    "plan": ("trainer.planner.cli", "predicted memory and step time per ZeRO choice; --measure checks them"),
 }
 
 

@@ -59,6 +59,49 @@ def copy_master_to_module(engine) -> None:
     engine.optimizer.update_lp_params()
 
 
+@contextmanager
+def recording_checkpoint_writes(engine) -> Iterator[list[str]]:
+    """Inside this, the paths of the files this rank's `engine.save_checkpoint` writes are collected.
+
+    Checked against deepspeed 0.19.8: every checkpoint file (model states, ZeRO optimizer
+    shards, MoE experts) is written through `engine.checkpoint_engine.save(state_dict, path)`,
+    looked up on the instance. Each rank writes its own shards, so each rank learns exactly
+    which files it must hash, with no assumption about DeepSpeed's file names.
+    """
+    written: list[str] = []
+    ce = engine.checkpoint_engine
+    save = ce.save
+
+    def recording_save(state_dict, path, *args, **kwargs):
+        out = save(state_dict, path, *args, **kwargs)
+        written.append(str(path))
+        return out
+
+    ce.save = recording_save
+    try:
+        yield written
+    finally:
+        del ce.save
+
+
+def deepspeed_checkpoint_globals() -> list:
+    """The non-tensor types DeepSpeed's checkpoint files hold, for torch's `weights_only` loader.
+
+    Checked against deepspeed 0.19.8 by `torch.serialization.get_unsafe_globals_in_checkpoint`
+    on ZeRO-1/2/3 and universal checkpoints of every method (tests/test_compat.py): the
+    optimizer shards pickle the loss scaler, the ZeRO stage enum and the fragment addresses
+    of flattened params; the model-states file holds our client state, whose RNG state is
+    numpy arrays. All are plain data: building them runs no code of the file's choosing.
+    """
+    import numpy as np
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address,
+            np.ndarray, np.dtype, np._core.multiarray._reconstruct, type(np.dtype(np.uint32))]
+
+
 # DeepSpeed's CPU all-reduce buffers in /dev/shm, one per rank (66 MB each); a killed job leaves them.
 # Checked against deepspeed 0.19.8, ops/csrc/cpu/comm/shm.cpp: shm_initialize() names them
 # "%s_%d_%s_%s_%d" % (SHM_BUFFER_NAME = "deepspeed_allreduce_buffer", getuid(), MASTER_ADDR, MASTER_PORT, rank).

@@ -24,6 +24,19 @@ class ConfigError(ValueError):
     """A user-facing configuration mistake; the message is meant to be printed as is."""
 
 
+INF = float("inf")
+
+
+def _check(section: str, obj, rules: list[tuple[str, bool, str]]) -> None:
+    """Raise for the first (field, ok, rule) that is not ok, naming the key and its value.
+
+    Rules are written as what must hold (`0 < x < INF`), so a nan (YAML .nan), which fails
+    every comparison, is refused too."""
+    for key, ok, rule in rules:
+        if not ok:
+            raise ConfigError(f"{section}.{key}: {getattr(obj, key)} {rule}")
+
+
 @dataclass
 class ModelConfig:
     path: Optional[str] = None
@@ -66,6 +79,12 @@ class MethodConfig:
     """LoRA scaling numerator; default = rank (scaling 1)."""
     lora_dropout: float = 0.0
     """Dropout on the LoRA branch input."""
+    forgetting_budget: Optional[float | str] = None
+    """Allowed rise of the original domain's loss over the backbone's, in bits per byte (0.01) or relative to the backbone's (2%). Set, a multiplier found by dual ascent holds it: it is alpha for gated methods, and weights the original tokens' LM loss for the others (README: Choosing a forgetting budget)."""
+    dual_lr: Optional[float] = None
+    """Dual step size of the forgetting budget: change of the multiplier per step at a violation of 100% of the budget. Default: 0.5 (gated methods), 0.1 (others)."""
+    budget_measure: Optional[str] = None
+    """Where the budget measures forgetting: train (the step's original-domain rows, against the adapters switched off) or heldout (a fixed probe of the original domain's val set). Default: train; finetune can only use heldout."""
 
     def __post_init__(self):
         if self.name not in METHODS:
@@ -85,10 +104,40 @@ class MethodConfig:
             raise ConfigError(f"method.extra_params: {self.extra_params} must be in (0, 10]")
         if self.alpha < 0 or self.bce_weight < 0:
             raise ConfigError("method.alpha and method.bce_weight must be >= 0")
+        if self.forgetting_budget is not None:
+            self.budget  # validates the value
+        if self.dual_lr is not None and self.dual_lr <= 0:
+            raise ConfigError(f"method.dual_lr: {self.dual_lr} must be > 0")
+        if self.budget_measure is None:
+            self.budget_measure = "heldout" if self.name == "finetune" else "train"
+        if self.budget_measure not in ("train", "heldout"):
+            raise ConfigError(f"method.budget_measure: {self.budget_measure!r} is not train or heldout")
+        if self.budget_measure == "train" and self.name == "finetune":
+            raise ConfigError("method.budget_measure: finetune trains the backbone itself, so it has no backbone "
+                              "to compare its training rows with: use heldout")
+
+    @property
+    def budget(self) -> Optional[tuple[float, bool]]:
+        """(EPS, relative) of forgetting_budget: (0.01, False) for 0.01 bits per byte, (0.02, True) for 2%."""
+        raw = self.forgetting_budget
+        if raw is None:
+            return None
+        text = str(raw).strip()
+        relative = text.endswith("%")
+        try:
+            value = float(text[:-1] if relative else text)
+        except ValueError:
+            raise ConfigError(f"method.forgetting_budget: {raw!r} is not a number of bits per byte (0.01) "
+                              "or a percentage of the backbone's (2%)") from None
+        if not 0 < value < float("inf"):
+            raise ConfigError(f"method.forgetting_budget: {raw} must be > 0 (a zero budget has no finite multiplier)")
+        return (value / 100 if relative else value), relative
 
     @property
     def uses_l1(self) -> bool:
-        return self.name == "neutral_residues" or (self.name == "sigmoid_gate" and self.l1_with_sigmoid)
+        # With a budget, the multiplier is sigmoid_gate's l1 weight too (trainer/method/budget.py).
+        return self.name == "neutral_residues" or (self.name == "sigmoid_gate" and (
+            self.l1_with_sigmoid or self.forgetting_budget is not None))
 
     @property
     def uses_bce(self) -> bool:
@@ -113,6 +162,8 @@ class StreamConfig:
             raise ConfigError("data.streams[].domain is required")
         if self.role not in ("original", "new"):
             raise ConfigError(f"data.streams[{self.domain}].role: {self.role!r} is not original or new")
+        if not 0 <= self.weight < INF:
+            raise ConfigError(f"data.streams[{self.domain}].weight: {self.weight} must be >= 0")
 
 
 @dataclass
@@ -139,6 +190,15 @@ class DataConfig:
             raise ConfigError("data.streams: no stream has role: new, but data.p < 1")
         if self.p > 0 and "original" not in roles:
             raise ConfigError(f"data.p = {self.p} but no stream has role: original")
+        # Samples are told apart by their `domain` column alone: two streams of one domain cannot be.
+        seen: dict[str, int] = {}
+        for i, s in enumerate(self.streams):
+            if s.domain in seen:
+                raise ConfigError(f"data.streams.{i}.domain: {s.domain!r} is already the domain of "
+                                  f"data.streams.{seen[s.domain]} (one stream per domain)")
+            seen[s.domain] = i
+        _check("data", self, [("num_canonical_nodes", self.num_canonical_nodes >= 1, "must be >= 1"),
+                              ("num_workers", self.num_workers >= 0, "must be >= 0")])
 
 
 @dataclass
@@ -176,6 +236,15 @@ class TrainConfig:
                 raise ConfigError(f"train.{key}: must be >= 1")
         if len(self.betas) != 2:
             raise ConfigError("train.betas: must be two numbers")
+        _check("train", self, [
+            ("lr", self.lr is None or 0 < self.lr < INF, "must be > 0"),
+            ("betas", all(0 <= b < 1 for b in self.betas), "must be in [0, 1)"),
+            ("weight_decay", 0 <= self.weight_decay < INF, "must be >= 0"),
+            ("warmup_steps", self.warmup_steps >= 0, "must be >= 0"),
+            ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "must be in [0, 1]"),
+            ("grad_clip", 0 <= self.grad_clip < INF, "must be >= 0 (0: no clipping)"),
+            ("seed", 0 <= self.seed < 2**32, "must be in [0, 2**32)"),  # numpy's seed range
+        ])
 
 
 @dataclass
@@ -191,7 +260,12 @@ class CheckpointConfig:
     keep_last: int = 2
     """Checkpoints kept in run_dir/checkpoints (older ones are deleted after a new one is complete)."""
     resume: bool = True
-    """Resume from the newest complete checkpoint in run_dir/checkpoints."""
+    """Resume from the newest checkpoint in run_dir/checkpoints that verifies. false starts over; the existing
+    checkpoints are then renamed `<tag>.superseded`, not deleted."""
+    resume_from: Optional[str] = None
+    """Resume from this tag (e.g. step_00000100) instead of the newest; newer ones are renamed `<tag>.superseded`."""
+    allow_other_weights: bool = False
+    """Resume even if the backbone's weights differ from the checkpoint's (same architecture, other weights fingerprint)."""
 
 
 @dataclass
@@ -207,6 +281,9 @@ class LogConfig:
     frozen_checksum: bool = False
     """Log a hash of all frozen weights at start and end (proves the backbone is untouched; costs a full read)."""
 
+    def __post_init__(self):
+        _check("log", self, [("every", self.every >= 1, "must be >= 1")])
+
 
 @dataclass
 class EvalConfig:
@@ -219,6 +296,11 @@ class EvalConfig:
     """Per-rank eval batch size."""
     at_start: bool = True
     """Evaluate before the first step of a fresh run (the backbone's own numbers, since adapters start at zero)."""
+
+    def __post_init__(self):
+        _check("eval", self, [("every", self.every >= 0, "must be >= 0"),
+                              ("max_batches", self.max_batches is None or self.max_batches >= 1, "must be >= 1"),
+                              ("batch_size", self.batch_size >= 1, "must be >= 1")])
 
 
 @dataclass
@@ -237,6 +319,21 @@ class RunConfig:
         for section in ("model", "data"):
             if getattr(self, section) is None:
                 raise ConfigError(f"{section}: required section is missing")
+        if self.method.forgetting_budget is not None:
+            self._check_budget()
+
+    def _check_budget(self) -> None:
+        """The budget is measured on original-domain tokens: training must see some."""
+        original = [s for s in self.data.streams if s.role == "original" and s.train]
+        if not original:
+            raise ConfigError("method.forgetting_budget: no stream has role: original with a train set, "
+                              "so there are no original-domain tokens to measure forgetting on")
+        if self.data.p == 0:
+            raise ConfigError("method.forgetting_budget: data.p = 0, so training sees no original-domain tokens "
+                              "to measure forgetting on")
+        if self.method.budget_measure == "heldout" and not any(s.val for s in original):
+            raise ConfigError(f"method.forgetting_budget: {self.method.name} measures forgetting on held-out data "
+                              f"(method.budget_measure), but data.streams[{original[0].domain}].val is not set")
 
     @property
     def lr(self) -> float:
@@ -282,6 +379,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
+        if len(args) > 1 and type(value) in args:  # e.g. float | str: keep what the YAML gave
+            return value
         return _convert(value, args[0], key)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):

@@ -333,6 +333,22 @@ def plan_commands(size: BenchSize, work: Path) -> list[str]:
     return lines
 
 
+def save_cost(args) -> int:
+    from .save_cost import measure, report
+
+    units = {"K": 1e3, "M": 1e6, "B": 1e9}
+    text = args.save_cost.upper()
+    params = int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
+    work = args.work or Path(tempfile.mkdtemp(prefix="trainer-bench-save-"))
+    res = measure(params, max(args.repeats, 3), work)
+    out = args.out or Path("runs") / "bench" / "save-cost.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+    print(report(res))
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m trainer bench", description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu")
@@ -352,7 +368,12 @@ def main(argv=None) -> int:
                     help="also time HF Trainer + PEFT + DeepSpeed (default: on, except --size tiny)")
     ap.add_argument("--work", type=Path, default=None, help="work dir (default: a temp dir, removed on success)")
     ap.add_argument("--plan", action="store_true", help="write the run configs, print the launches, run nothing")
+    ap.add_argument("--save-cost", metavar="PARAMS", default=None,
+                    help="only measure what checkpoint digests add to a save of PARAMS trainable parameters "
+                         "(e.g. 190M, a 1B backbone's neutral residues), then exit")
     args = ap.parse_args(argv)
+    if args.save_cost:
+        return save_cost(args)
     if min(args.repeats, args.jobs, args.threads or 1) < 1:
         print("error: --repeats, --jobs and --threads must be >= 1", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ from typing import Optional
 
 import yaml
 
+from .. import compat
 from .plan import TrainJob
 
 
@@ -223,7 +224,8 @@ def checkpoint_contents(ckpt_dir: Path, trainable: int) -> dict:
     saved = 0
     for name in files:
         if name.endswith("model_states.pt"):
-            state = torch.load(Path(ckpt_dir) / name, map_location="cpu", weights_only=False)
+            with torch.serialization.safe_globals(compat.deepspeed_checkpoint_globals()):
+                state = torch.load(Path(ckpt_dir) / name, map_location="cpu", weights_only=True)
             module = state.get("module") or {}
             saved += sum(t.numel() for t in module.values() if hasattr(t, "numel"))
     state_bytes = 3 * 4 * trainable  # fp32 params + Adam's two moments

@@ -4,6 +4,8 @@ It chains the real commands a user runs on a cluster, as subprocesses:
 corpus -> data_prep train-tokenizer -> data_prep build (per domain) ->
 trainer train (pretrain a tiny English backbone) -> trainer export ->
 trainer train (each method, p = 0.1) -> trainer report.
+With `--budget EPS` the four methods instead train to the same forgetting budget
+(method.forgetting_budget) and the report compares their learning at that forgetting.
 Every step leaves a `.done` marker, so a re-run reuses finished steps; --fresh redoes them.
 Independent launches (the two data builds, the four extensions) run `--jobs` at a time with
 the cores split between them: on a small machine most of a tiny run is Python start-up
@@ -39,8 +41,10 @@ SIZES = {
 
 class Demo:
     def __init__(self, out: Path, quick: bool, nproc: int, corpus: Path | None,
-                 pretrain_steps: int | None = None, extend_steps: int | None = None, jobs: int = 1):
+                 pretrain_steps: int | None = None, extend_steps: int | None = None, jobs: int = 1,
+                 budget: str | None = None):
         self.out, self.quick, self.nproc, self.user_corpus, self.jobs = out, quick, nproc, corpus, jobs
+        self.budget = budget
         self.files, self.seq_len, self.vocab, self.pre_steps, self.ext_steps, self.model_kw = \
             SIZES["quick" if quick else "full"]
         self.pre_steps = pretrain_steps or self.pre_steps
@@ -167,19 +171,31 @@ class Demo:
         self.sh("trainer", "export", str(self.out / "pretrain"), "--out", str(self.out / "backbone"),
                 "--tokenizer", str(self.out / "tokenizer"))
 
+    def run_name(self, method: str) -> str:
+        """`neutral_residues`, or `neutral_residues_budget0.01` / `..._budget2pct` under --budget."""
+        return method if self.budget is None else f"{method}_budget{self.budget.replace('%', 'pct')}"
+
     def extend(self, method: str) -> None:
-        self.train("extend", f"run_dir={self.out / method}", f"method.name={method}",
+        name = self.run_name(method)
+        # Under a budget, a few held-out evals on the way give the report's degradation curve.
+        budget = [] if self.budget is None else [f"method.forgetting_budget={self.budget}",
+                                                 f"eval.every={max(1, self.ext_steps // 6)}"]
+        self.train("extend", f"run_dir={self.out / name}", f"method.name={method}",
                    f"model.path={self.out / 'backbone' / 'hf'}", *self.data_overrides(),
                    f"data.streams.1.train={self.out / 'data' / 'code' / 'train'}",
                    f"train.lr={LR[method]}", f"train.max_steps={self.ext_steps}", f"checkpoint.every={self.ext_steps}",
                    # Every method starts as the backbone, whose eval the report takes from the pretraining run.
-                   "eval.at_start=false", log=method)
+                   "eval.at_start=false", *budget, log=name)
 
     def report(self) -> dict:
         from ..evaluation.report import write_report
-        res = write_report([self.out / m for m in METHODS], self.out, backbone=self.out / "pretrain",
-                           title="Quickstart: extending an English backbone to Python code (p = 0.1)")
-        return res
+        if self.budget is None:
+            return write_report([self.out / m for m in METHODS], self.out, backbone=self.out / "pretrain",
+                                title="Quickstart: extending an English backbone to Python code (p = 0.1)")
+        name = self.run_name("report")
+        return write_report([self.out / self.run_name(m) for m in METHODS], self.out / name,
+                            backbone=self.out / "pretrain",
+                            title=f"Quickstart at a forgetting budget of {self.budget} (English -> Python code)")
 
     def run(self) -> dict:
         t0 = time.time()
@@ -188,11 +204,13 @@ class Demo:
         self.step("data", self.data)
         self.step("pretrain", self.pretrain)
         self.step("export_backbone", self.export_backbone)
-        self.concurrently(lambda m: self.step(f"extend_{m}", lambda: self.extend(m)), METHODS)
+        self.concurrently(lambda m: self.step(f"extend_{self.run_name(m)}", lambda: self.extend(m)), METHODS)
         res = self.report()
         total = round(time.time() - t0, 1)
         (self.out / "timings.json").write_text(json.dumps({**self.timings, "total": total}, indent=2))
         print("\n" + res["table"])
+        if res.get("budget_table"):
+            print(f"\nAt equal forgetting (budget {self.budget}):\n" + res["budget_table"])
         print(f"\nreport: {res['markdown']}\nplot:   {res['png']}\ntotal:  {total:.0f}s")
         return res
 
@@ -218,7 +236,16 @@ def main(argv=None) -> int:
     ap.add_argument("--corpus", type=Path, help="dir with your own en.jsonl and code.jsonl ({'text': ...} lines)")
     ap.add_argument("--pretrain-steps", type=int, help="override the backbone's pretraining steps")
     ap.add_argument("--extend-steps", type=int, help="override each method's extension steps")
+    ap.add_argument("--budget", metavar="EPS",
+                    help="train every method to this forgetting budget: bits per byte (0.01) or relative (2%%)")
     args = ap.parse_args(argv)
+    if args.budget is not None:
+        from ..config import ConfigError, MethodConfig
+        try:
+            MethodConfig(forgetting_budget=args.budget)
+        except ConfigError as e:
+            print(f"error: --budget: {str(e).split(': ', 1)[1]}", file=sys.stderr)
+            return 2
     if args.corpus and not all((args.corpus / f"{d}.jsonl").is_file() for d in ("en", "code")):
         print(f"error: --corpus {args.corpus}: needs en.jsonl and code.jsonl", file=sys.stderr)
         return 2
@@ -226,7 +253,7 @@ def main(argv=None) -> int:
         shutil.rmtree(args.out)
     try:
         Demo(args.out, args.quick, args.nproc, args.corpus, args.pretrain_steps, args.extend_steps,
-             max(1, args.jobs)).run()
+             max(1, args.jobs), args.budget).run()
     except subprocess.CalledProcessError as e:
         print(f"error: step failed: {' '.join(map(str, e.cmd[1:]))} (exit {e.returncode})", file=sys.stderr)
         return 1

@@ -12,7 +12,9 @@ number of ranks.
 """
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -27,12 +29,74 @@ def _is_remote(path: str) -> bool:
     return "://" in path
 
 
-def check_mds_dir(path: str, key: str) -> None:
+COLUMNS = ("input_ids", "domain", "num_bytes")  # what every sample carries (data_prep writes them)
+
+
+def check_mds_dir(path: str, key: str, domain: Optional[str] = None) -> None:
+    """Refuse at start-up, naming `key`, a dataset that would only fail later (at step 1, or at
+    the final eval after hours of training): no index.json, 0 samples, a missing column, or
+    samples of another domain than `domain`. Reads the index and one small file or one sample.
+    A remote dataset is not checked here: streaming reads its index when it downloads it."""
     if _is_remote(path):
         return
-    if not (Path(path) / "index.json").is_file():
+    index = Path(path) / "index.json"
+    if not index.is_file():
         hint = " (run `python -m data_prep merge` on a sharded build)" if Path(path).is_dir() else ""
         raise ConfigError(f"{key}: {path}: not an MDS dataset directory, no index.json{hint}")
+    try:
+        shards = json.loads(index.read_text())["shards"]
+        samples = sum(int(shard["samples"]) for shard in shards)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{key}: {index}: not an MDS index ({type(e).__name__}: {e})") from None
+    if samples == 0:
+        raise ConfigError(f"{key}: {path}: 0 samples")
+    for column in COLUMNS:
+        if any(column not in shard.get("column_names", COLUMNS) for shard in shards):
+            raise ConfigError(f"{key}: {path}: no {column!r} column (samples need {', '.join(COLUMNS)})")
+    if domain is not None:
+        try:
+            found = dataset_domain(path, shards)
+        except (OSError, ValueError, KeyError, IndexError) as e:  # a shard missing or damaged
+            raise ConfigError(f"{key}: {path}: cannot read the domain of its first sample ({e})") from None
+        if found != domain:
+            raise ConfigError(f"{key}: {path}: its samples have domain {found!r}, not the stream's {domain!r}")
+
+
+def dataset_domain(path: str, shards: list[dict]) -> str:
+    """The `domain` column of an MDS dir, read as cheaply as is reliable.
+
+    A dir holds one domain: data_prep writes one output dir per (domain, split), the contract
+    in DESIGN.md. data_prep also writes that domain into the dir's stats.json, which appears in
+    the same rename as the shards (and which `merge` keeps), so one small JSON file answers for
+    every sample, whatever the size and compression of the shards. A dir written another way
+    has no stats.json; its first sample is read instead: directly from an uncompressed shard,
+    or after decompressing that one shard into a temporary dir (LocalDataset cannot decompress).
+    """
+    stats = Path(path) / "stats.json"
+    if stats.is_file():
+        try:
+            recorded = json.loads(stats.read_text()).get("domain")
+        except (ValueError, AttributeError):
+            recorded = None
+        if isinstance(recorded, str):
+            return recorded
+    return str(_first_sample(path, shards)["domain"])
+
+
+def _first_sample(path: str, shards: list[dict]) -> dict:
+    from streaming import LocalDataset
+    from streaming.base.compression import decompress
+
+    shard = next(s for s in shards if int(s["samples"]) > 0)
+    raw = shard["raw_data"]["basename"]
+    if (Path(path) / raw).is_file():
+        return LocalDataset(local=path)[0]
+    zipped = Path(path) / shard["zip_data"]["basename"]
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / raw).parent.mkdir(parents=True, exist_ok=True)
+        (Path(tmp) / raw).write_bytes(decompress(shard["compression"], zipped.read_bytes()))
+        (Path(tmp) / "index.json").write_text(json.dumps({"version": 2, "shards": [shard]}))
+        return LocalDataset(local=tmp)[0]
 
 
 def stream_proportions(cfg: RunConfig) -> dict[str, float]:
@@ -87,8 +151,13 @@ class TrainStream:
             self.dataset = StreamingDataset(
                 streams=streams, batch_size=micro_batch, shuffle=cfg.data.shuffle, shuffle_seed=cfg.train.seed,
                 num_canonical_nodes=cfg.data.num_canonical_nodes)
+        # A DataLoader draws a worker base seed from its generator each time an iterator starts
+        # (the first batch, each new epoch, and the first batch after a resume). From the global
+        # torch RNG, that extra draw after a resume shifted every later dropout mask; its own
+        # generator leaves the global RNG (dropout, restored from checkpoints) to the model alone.
         self.loader = StreamingDataLoader(self.dataset, batch_size=micro_batch, drop_last=True,
-                                          num_workers=cfg.data.num_workers, collate_fn=collate)
+                                          num_workers=cfg.data.num_workers, collate_fn=collate,
+                                          generator=torch.Generator().manual_seed(cfg.train.seed))
         self.state = LoaderState()
         self._it: Optional[Iterator] = None
 

@@ -1,4 +1,8 @@
-"""What one optimizer step logs: the LM loss per domain, the local loss and its statistics.
+"""What one optimizer step logs: the LM loss per domain, the local loss and its statistics,
+and under a forgetting budget its multiplier, measured degradation and slack (`budget/...`).
+
+`local_loss` is everything added to the LM loss: the adapters' l1/BCE and, for the methods a
+budget drives through replay, the multiplier times the original tokens' LM loss.
 
 The sums stay on the device while the micro batches run: reading a loss back with `.item()`
 after every forward would make the host wait for the accelerator each time. They cross
@@ -45,8 +49,13 @@ class StepMetrics:
         # The stats are this rank's own (rank 0's, in the log), not reduced.
         self.stats_total = {k: round(v.item(), 6) for k, v in self.stats.items()}
 
-    def record(self, *, lr: float, tokens_seen: int, tokens_per_s: float, peak_mem_gb: float) -> dict:
-        """The metrics.jsonl line for this step (without `step` and `time`, which the logger adds)."""
+    def record(self, *, lr: float, tokens_seen: int, tokens_per_s: float, peak_mem_gb: float,
+               budget: dict | None = None) -> dict:
+        """The metrics.jsonl line for this step (without `step` and `time`, which the logger adds).
+
+        `budget` is ForgettingBudget.record() after this step's dual update: lambda, eps_bpb, the
+        estimated degradation and slack (bits per byte), and the last measurement alone.
+        """
         sums = self.sums
         # The LM loss is a mean over tokens, not over domains or micro batches: a domain's weight
         # in it is its share of the step's tokens, as in the gradient.
@@ -60,6 +69,7 @@ class StepMetrics:
             "samples_by_domain": {d: int(sums[j, SAMPLES].item()) for j, d in enumerate(self.domains)},
             "lr": lr, "tokens_seen": tokens_seen, "tokens_per_s": tokens_per_s, "peak_mem_gb": peak_mem_gb,
             **({"local": self.stats_total} if self.stats_total else {}),
+            **({"budget": budget} if budget is not None else {}),
         }
 
 

@@ -17,6 +17,7 @@ from anywhere in the loop without capturing its locals.
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import sys
 import time
@@ -28,19 +29,27 @@ import numpy as np
 import torch
 
 from . import checkpoint, dist
+from . import lock as run_lock
 from ..config import ConfigError, RunConfig, load_config, save_config, to_dict
 from ..method.extend import count_parameters, set_domain, trainable_named_parameters
-from ..method.losses import local_loss
+from ..method.budget import ForgettingBudget
+from ..method.losses import local_loss, replay_loss
 from .data import TrainStream, ValSet, check_mds_dir, original_mask
 from .ds_config import build_ds_config, zero_stage
+from .fingerprint import weights_fingerprint
+from .forgetting import meter
 from .logger import RunLogger, log, setup_logging
-from .metrics import StepMetrics, peak_mem_gb
+from .metrics import NLL, StepMetrics, peak_mem_gb
 from .model import build_model, frozen_checksum
 from .perplexity import eval_domain, token_nll
 from .rng import rng_state, seed_everything, set_rng_state
 from .schedule import lr_lambda
 
 EXIT_REQUEUE = 75  # "stopped on a signal after a checkpoint": the SLURM wrapper requeues on it
+
+
+class NonFinite(ConfigError):
+    """Training produced a non-finite loss or gradient norm; nothing of it was saved."""
 
 
 class StopFlag:
@@ -60,12 +69,13 @@ class StopFlag:
 
 
 def check_inputs(cfg: RunConfig) -> None:
-    """Fail before any process group or model exists, naming the bad key."""
+    """Fail before any process group or model exists, naming the bad key: a dataset that is
+    missing, empty (a val set is evaluated only at the end) or of another domain (step 1)."""
     for s in cfg.data.streams:
         if s.train:
-            check_mds_dir(s.train, f"data.streams[{s.domain}].train")
+            check_mds_dir(s.train, f"data.streams[{s.domain}].train", s.domain)
         if s.val:
-            check_mds_dir(s.val, f"data.streams[{s.domain}].val")
+            check_mds_dir(s.val, f"data.streams[{s.domain}].val", s.domain)
 
 
 def flush_denormals() -> None:
@@ -95,11 +105,33 @@ class ResumePoint:
 
 
 def find_resume_point(cfg: RunConfig, ckpt_dir: Path, world_size: int) -> Optional[ResumePoint]:
-    tag = checkpoint.latest_tag(ckpt_dir) if cfg.checkpoint.resume else None
-    if tag is None:
+    """Rank 0 picks the newest checkpoint that verifies (checkpoint.select) and tells the others.
+
+    Checkpoints that will not be loaded are renamed aside, never deleted and never overwritten
+    by this run's saves: newer ones that fail verification (`.damaged`), newer ones than an
+    explicit `checkpoint.resume_from` and all of them under `checkpoint.resume=false` (`.superseded`).
+    """
+    choice: dict = {}
+    if dist.detect_world().is_main:
+        try:
+            checkpoint.clean_interrupted(ckpt_dir)
+            if not cfg.checkpoint.resume:
+                checkpoint.set_aside(ckpt_dir, checkpoint.complete_tags(ckpt_dir), "superseded")
+            else:
+                chosen = checkpoint.select(ckpt_dir, cfg.checkpoint.resume_from)
+                if chosen:
+                    checkpoint.set_aside(ckpt_dir, chosen.refused, "damaged")
+                    newer = [t for t in checkpoint.complete_tags(ckpt_dir) if t > chosen.tag]
+                    checkpoint.set_aside(ckpt_dir, newer, "superseded")
+                    choice = {"tag": chosen.tag, "meta": chosen.meta}
+        except ConfigError as e:
+            choice = {"error": str(e)}
+    choice = dist.broadcast_object(choice)
+    if "error" in choice:
+        raise ConfigError(choice["error"] if dist.detect_world().is_main else "rank 0 refused to resume (see its error)")
+    if not choice:
         return None
-    meta = checkpoint.read_meta(ckpt_dir, tag)
-    return ResumePoint(tag, meta, elastic=meta["world_size"] != world_size)
+    return ResumePoint(choice["tag"], choice["meta"], elastic=choice["meta"]["world_size"] != world_size)
 
 
 class Trainer:
@@ -110,6 +142,8 @@ class Trainer:
         self.cfg = cfg
         self.world = dist.init_distributed()
         setup_logging(self.world.rank)
+        # Before anything reads or writes run_dir: a second trainer on it exits here, on every rank.
+        self.lock = run_lock.acquire(Path(cfg.run_dir), self.world)
         if not dist.on_gpu():
             flush_denormals()
         self.run_dir = Path(cfg.run_dir)
@@ -127,9 +161,11 @@ class Trainer:
         self.model, self._hf_ds_config, model_hash = build_model(cfg, self.ds_config, zero3=self.stage == 3)
         self.counts = count_parameters(self.model)
         self.meta = {"method": cfg.method.name, "model_hash": model_hash, "trainable_params": self.counts["trainable"],
-                     "world_size": self.world.world_size, "zero_stage": self.stage}
+                     "world_size": self.world.world_size, "zero_stage": self.stage,
+                     "weights_fingerprint": weights_fingerprint(cfg.model.path, self.model)}
         if self.resume_point:
-            checkpoint.check_compatible(self.resume_point.meta, self.meta, self.ckpt_dir / self.resume_point.tag)
+            checkpoint.check_compatible(self.resume_point.meta, self.meta, self.ckpt_dir / self.resume_point.tag,
+                                        cfg.checkpoint.allow_other_weights)
         log.info("method %s: %d trainable / %d backbone params (%.2f%%), world size %d, ZeRO-%d, grad accum %d",
                  cfg.method.name, self.counts["trainable"], self.counts["backbone"], 100 * self.counts["fraction"],
                  self.world.world_size, self.stage, self.accum)
@@ -147,11 +183,17 @@ class Trainer:
         self.step, self.tokens_seen = 0, 0
         self.load_s: Optional[float] = None
         self.logger: Optional[RunLogger] = None
+        # The forgetting budget (method.forgetting_budget): its multiplier and the meter that measures forgetting.
+        self.budget = self.forgetting = None
+        if cfg.method.forgetting_budget is not None:
+            self.forgetting = meter(cfg, self.engine, self.device, self.world.rank, self.world.world_size, self.stage)
+            self.budget = ForgettingBudget.from_config(cfg.method, self.forgetting.ema)
 
     def resume(self) -> None:
         """Continue from the checkpoint found at set-up, if any: step, tokens seen, data position, RNG."""
         point = self.resume_point
         if point is None:
+            log.info("starting at step 0: no checkpoint to resume in %s", self.ckpt_dir)
             return
         t_load = time.perf_counter()
         load_dir = checkpoint.convert_to_universal(self.ckpt_dir, point.tag) if point.elastic else self.ckpt_dir
@@ -163,6 +205,8 @@ class Trainer:
         self.step, self.tokens_seen = client["step"], client["tokens_seen"]
         self.stream.load_state(client["loader"])
         set_rng_state(client["rng"])
+        if self.budget is not None and "budget" in client:
+            self.budget.load_state_dict(client["budget"])
         self.load_s = time.perf_counter() - t_load
         log.info("resumed from %s at step %d%s", point.tag, self.step,
                  f" (world size {point.meta['world_size']} -> {self.world.world_size})" if point.elastic else "")
@@ -200,6 +244,7 @@ class Trainer:
             t0 = time.perf_counter()
             metrics, step_tokens = self.train_step()
             self.step += 1
+            self.check_finite(metrics)
             self.tokens_seen += step_tokens
             dt = time.perf_counter() - t0
             if self.step % cfg.log.every == 0 or self.step == cfg.train.max_steps:
@@ -216,9 +261,10 @@ class Trainer:
                 self.save(self.step)
                 last_saved = self.step
 
-        results = self.evaluate(self.step) if self.val_sets else {}
-        if last_saved != self.step or not checkpoint.latest_tag(self.ckpt_dir):
+        # Saved before the final eval: an eval that fails must not cost the training.
+        if last_saved != self.step or not checkpoint.complete_tags(self.ckpt_dir):
             self.save(self.step)
+        results = self.evaluate(self.step) if self.val_sets else {}
         if cfg.log.frozen_checksum:
             self.logger.write({"frozen_checksum": frozen_checksum(self.model), "when": "end"}, self.step)
         self.logger.close()
@@ -234,16 +280,47 @@ class Trainer:
         seq_len = micro_batches[0]["input_ids"].shape[1]
         l1_tokens = self.l1_tokens(masks, seq_len)
         metrics = StepMetrics(self.domains, self.accum, self.world.world_size, self.device)
+        budget = self.budget
+        if budget is not None:
+            self.forgetting.start_step(budget, self.step)
         for batch, mask in zip(micro_batches, masks):
             ids = batch["input_ids"].to(self.device)
             set_domain(self.model, mask.to(self.device), l1_tokens=l1_tokens)
             nll = token_nll(self.engine(input_ids=ids).logits, ids)
-            local, stats = local_loss(self.model, self.cfg.method)
+            local, stats = local_loss(self.model, self.cfg.method, alpha=budget.l1_weight if budget else None)
+            if budget is not None and budget.replay_weight:
+                # The Lagrangian's constraint term: the multiplier times the original tokens' LM loss.
+                local = local + budget.replay_weight * replay_loss(nll, mask, l1_tokens * (seq_len - 1) / seq_len)
             self.engine.backward(nll.mean() + local)
             self.engine.step()
             metrics.add(nll, batch["domain"], local, stats)
+            if budget is not None:
+                self.forgetting.add(ids, mask, nll, batch["num_bytes"])
         metrics.reduce()
+        if budget is not None:
+            sums = self.forgetting.finish_step(self.step + 1)
+            if sums is not None:
+                budget.measure(*sums)
+            budget.step()
         return metrics, self.cfg.train.global_batch_size * ids.shape[1]
+
+    def check_finite(self, metrics: StepMetrics) -> None:
+        """Stop before a non-finite state can be saved (and prune a good checkpoint).
+
+        Both figures are global (reduced over ranks), so every rank stops at the same step.
+        """
+        loss = metrics.sums[:, NLL].sum().item() + metrics.local_total
+        norm = self.engine.get_global_grad_norm()
+        bad = [f"{name} {value}" for name, value in (("loss", loss), ("gradient norm", norm))
+               if value is not None and not math.isfinite(float(value))]
+        if bad:
+            tags = checkpoint.complete_tags(self.ckpt_dir)
+            msg = (f"step {self.step}: non-finite {' and '.join(bad)}; stopped without saving. The newest checkpoint "
+                   f"({tags[0] if tags else 'none'}) is untouched: lower train.lr, or pick an earlier one with "
+                   "checkpoint.resume_from")
+            self.logger.write({"error": msg}, self.step)
+            self.logger.close()
+            raise NonFinite(msg)
 
     def l1_tokens(self, masks: list[torch.Tensor], seq_len: int) -> float:
         """Original-domain tokens per micro batch and rank, averaged over the whole step.
@@ -256,7 +333,8 @@ class Trainer:
 
     def log_step(self, metrics: StepMetrics, tokens_per_s: float) -> None:
         record = metrics.record(lr=self.scheduler.get_last_lr()[0], tokens_seen=self.tokens_seen,
-                                tokens_per_s=tokens_per_s, peak_mem_gb=peak_mem_gb())
+                                tokens_per_s=tokens_per_s, peak_mem_gb=peak_mem_gb(),
+                                budget=self.budget.record() if self.budget else None)
         self.logger.write(record, self.step)
         self.logger.progress(self.step, {"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}"})
 
@@ -279,6 +357,8 @@ class Trainer:
         """A checkpoint that resumes exactly: DeepSpeed's state plus the step, data position and RNG."""
         client = {"step": at_step, "tokens_seen": self.tokens_seen, "loader": self.stream.state_dict(),
                   "rng": rng_state()}
+        if self.budget is not None:
+            client["budget"] = self.budget.state_dict()
         t_save = time.perf_counter()
         tag = checkpoint.save(self.engine, self.ckpt_dir, at_step, client, self.meta, self.cfg.checkpoint.keep_last)
         save_s = time.perf_counter() - t_save
@@ -291,10 +371,13 @@ def train(cfg: RunConfig) -> dict:
     """Run (or resume) training; returns the final per-domain eval metrics."""
     # Handlers first: a preemption signal during the (long) start-up must still end in a checkpoint.
     stop = StopFlag()
-    trainer = Trainer(cfg)
-    trainer.resume()
-    trainer.open_logs()
-    return trainer.fit(stop)
+    try:
+        trainer = Trainer(cfg)
+        trainer.resume()
+        trainer.open_logs()
+        return trainer.fit(stop)
+    finally:  # also after a stop for requeue, and on errors (a SIGKILL leaves it: see lock.py)
+        run_lock.release(Path(cfg.run_dir))
 
 
 def main(argv=None) -> int:

@@ -72,6 +72,19 @@ def tokenizer_dir(path: Optional[str]) -> Optional[str]:
     return None
 
 
+def read_hf_config(source: Path) -> dict:
+    """An HF directory's config.json, checked before transformers reads it: a file that is not JSON,
+    or JSON that is not a model config, would otherwise fail deep inside `from_pretrained`."""
+    path = source / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise EvalError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise EvalError(f"{path}: not a Hugging Face model config (no model_type)")
+    return config
+
+
 def load_model(source: Path, dtype: torch.dtype, tag: Optional[str] = None, trust_remote_code: bool = False):
     """(model in eval mode, info) where info has kind, tokenizer (a default path or None) and val sets."""
     kind = model_kind(source)
@@ -82,7 +95,7 @@ def load_model(source: Path, dtype: torch.dtype, tag: Optional[str] = None, trus
         tok = tokenizer_dir(cfg.model.path)
         val = {s.domain: s.val for s in cfg.data.streams if s.val}
         return model, {"kind": "run", "tokenizer": tok, "val": val, "method": cfg.method.name}
-    config = json.loads((source / "config.json").read_text())
+    config = read_hf_config(source)
     if "auto_map" in config and not trust_remote_code:
         from ..export.hf_export import is_own_export
 
@@ -94,7 +107,7 @@ def load_model(source: Path, dtype: torch.dtype, tag: Optional[str] = None, trus
 
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, TypeError, KeyError) as e:  # e.g. a field of the wrong type in config.json
         raise EvalError(f"{source}: cannot load a causal LM: {str(e).splitlines()[0]}") from None
     model.eval()
     return model, {"kind": "hf", "tokenizer": tokenizer_dir(source), "val": {}, "method": None}

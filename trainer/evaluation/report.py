@@ -5,6 +5,11 @@ record gives the final per-domain bits per byte. The original domain (whose
 bits per byte measure forgetting) and the new domain (learning) come from the
 stream roles in the config, and must agree across runs.
 
+Runs trained under a forgetting budget (method.forgetting_budget) also get the comparison a
+user asks for: each method's new-domain learning at the same allowed forgetting, with the
+held-out figures (`budget_table`), and a plot of the multiplier and of the held-out
+degradation over steps (`budget.png`; evals every `eval.every` steps give its points).
+
 The backbone row is, in order of preference:
   - `--backbone PATH`: a run dir (its last eval; the demo uses its pretraining run)
     or the JSON that `python -m trainer eval BACKBONE --out` wrote;
@@ -89,11 +94,15 @@ def run_row(run_dir: Path) -> dict:
     records = _records(run_dir)
     step = max((r.get("step", 0) for r in records if "eval" in r), default=None)
     alpha = None
-    if name == "neutral_residues" or (name == "sigmoid_gate" and method.get("l1_with_sigmoid")):
-        alpha = method["alpha"]
+    budget = method.get("forgetting_budget")
+    if budget is None and (name == "neutral_residues" or (name == "sigmoid_gate" and method.get("l1_with_sigmoid"))):
+        alpha = method["alpha"]  # under a budget, the multiplier is alpha
+    trace = [{"step": r["step"], **r["budget"]} for r in records if "budget" in r]
+    evals = {r["step"]: r["eval"] for r in records if "eval" in r}
     return {"run": run_dir.name, "path": str(run_dir), "method": name, "lr": lr, "p": p,
             "alpha": alpha, "extra_params": method["extra_params"] if name != "finetune" else None,
-            "step": step, "roles": roles, "eval": final_eval(run_dir)}
+            "step": step, "roles": roles, "eval": final_eval(run_dir), "budget": budget,
+            "budget_trace": trace, "evals": [evals[k] | {"step": k} for k in sorted(evals)]}
 
 
 def collect(runs: list[Path], backbone: Optional[Path]) -> dict:
@@ -159,8 +168,8 @@ def _labels(rows: list[dict]) -> list[str]:
     for r in rows:
         same = [o for o in rows if o["method"] == r["method"]]
         extra = []
-        for key, fmt in (("lr", ".0e"), ("p", "g"), ("alpha", "g")):
-            if len({o[key] for o in same}) > 1 and r[key] is not None:
+        for key, fmt in (("lr", ".0e"), ("p", "g"), ("alpha", "g"), ("budget", "")):
+            if len({o.get(key) for o in same}) > 1 and r.get(key) is not None:
                 extra.append(f"{key}={format(r[key], fmt)}")
         labels.append(r["method"] + (f" ({', '.join(extra)})" if extra else ""))
     return labels
@@ -198,21 +207,112 @@ def plot(rep: dict, out: Path) -> Path:
     return out
 
 
+# ----------------------------------------------------------------------------- forgetting budgets
+
+
+def budget_eps(row: dict) -> Optional[float]:
+    """The run's budget in bits per byte (a relative one as the run resolved it)."""
+    if row["budget"] is None:
+        return None
+    resolved = [t["eps_bpb"] for t in row["budget_trace"] if "eps_bpb" in t]
+    if resolved:
+        return resolved[-1]
+    text = str(row["budget"]).strip()
+    return None if text.endswith("%") else float(text)
+
+
+def budget_table(rep: dict) -> Optional[str]:
+    """New-domain learning at equal original-domain forgetting: the budgeted runs, grouped by budget,
+    most learning first. The figures are the final held-out ones against the backbone."""
+    base = rep["backbone"] or {}
+    orig, new = rep["original"], rep["new"][0]
+    rows = [r for r in rep["rows"] if r["budget"] is not None]
+    if not rows or orig not in base or new not in base:
+        return None
+    head = ["budget", "method", "final λ", f"held-out Δ{orig} (forgetting)", "within budget",
+            f"learning (-Δ{new})", f"{new} bpb", "run"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    def learning(r):
+        return base[new]["bpb"] - r["eval"][new]["bpb"]
+
+    for r in sorted(rows, key=lambda r: (budget_eps(r) or 0.0, str(r["budget"]), -learning(r))):
+        forget = r["eval"][orig]["bpb"] - base[orig]["bpb"]
+        eps = budget_eps(r)
+        lam = r["budget_trace"][-1]["lambda"] if r["budget_trace"] else None
+        within = "" if eps is None else f"{forget / eps:.2f} EPS" + (" ✓" if forget <= eps else " ✗")
+        budget = str(r["budget"])
+        if budget.strip().endswith("%") and eps is not None:
+            budget += f" ({eps:.4f} bpb)"
+        lines.append("| " + " | ".join([budget, r["method"], _fmt(lam, ".3g"), f"{forget:+.4f}", within,
+                                         f"{learning(r):+.4f}",
+                                         _fmt(r["eval"][new]["bpb"]), r["run"]]) + " |")
+    return "\n".join(lines)
+
+
+def budget_plot(rep: dict, out: Path) -> Optional[Path]:
+    """The multiplier (top) and the degradation (bottom) over steps, one colour per run: held-out
+    evals as points, the training estimate the multiplier follows as a thin line, EPS dashed."""
+    rows = [r for r in rep["rows"] if r["budget"] is not None]
+    base = (rep["backbone"] or {}).get(rep["original"])
+    if not rows:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6.5), dpi=120, sharex=True)
+    cmap = plt.get_cmap("tab10")
+    for i, (r, label) in enumerate(zip(rows, _labels(rows))):
+        color = cmap(i % 10)
+        trace = r["budget_trace"]
+        top.plot([t["step"] for t in trace], [t["lambda"] for t in trace], color=color, label=label)
+        est = [t for t in trace if "degradation" in t]
+        bottom.plot([t["step"] for t in est], [t["degradation"] for t in est], color=color, lw=0.7, alpha=0.6)
+        if base is not None:
+            pts = [(e["step"], e[rep["original"]]["bpb"] - base["bpb"]) for e in r["evals"] if rep["original"] in e]
+            bottom.plot([s for s, _ in pts], [d for _, d in pts], "o-", color=color, ms=4, label=label)
+        eps = budget_eps(r)
+        if eps is not None:
+            bottom.axhline(eps, color=color, ls="--", lw=0.8)
+    top.set_ylabel("multiplier λ")
+    top.set_title("Forgetting budget: multiplier and degradation over training")
+    top.legend(fontsize=7)
+    bottom.axhline(0.0, color="black", lw=0.6, ls=":")
+    bottom.set_ylabel(f"Δ{rep['original']} bits per byte vs backbone")
+    bottom.set_xlabel("step (points: held-out evals; thin: training estimate; dashed: budget)")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
 def write_report(runs: list[Path], out_dir: Path, backbone: Optional[Path] = None,
                  title: str = "Learn/forget report") -> dict:
-    """report.md, report.json and tradeoff.png in out_dir; returns {table, markdown, png, data}."""
+    """report.md, report.json and tradeoff.png (+ budget.png) in out_dir;
+    returns {table, budget_table, markdown, png, budget_png, data}."""
     rep = collect([Path(r) for r in runs], Path(backbone) if backbone else None)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rep)
     png = plot(rep, out_dir / "tradeoff.png")
+    btable = budget_table(rep)
+    bpng = budget_plot(rep, out_dir / "budget.png")
     base_note = f" Backbone: {rep['backbone_source']}." if rep["backbone"] else " No backbone numbers were found."
     text = (f"# {title}\n\nBits per byte on held-out data: `{rep['original']}` is the original domain "
             f"(lower = less forgetting), {', '.join(f'`{d}`' for d in rep['new'])} the new one "
             f"(lower = more learning).{base_note}\n\n{table}\n\n![trade-off]({png.name})\n")
+    if btable:
+        text += ("\n## At equal forgetting\n\nEach method trained to the same forgetting budget EPS (the allowed "
+                 f"rise of `{rep['original']}` bits per byte over the backbone's); held-out figures at the end, "
+                 f"most learning first.\n\n{btable}\n")
+    if bpng:
+        text += f"\n![multiplier and degradation]({bpng.name})\n"
     (out_dir / "report.md").write_text(text)
     (out_dir / "report.json").write_text(json.dumps(rep, indent=2, default=str))
-    return {"table": table, "markdown": out_dir / "report.md", "png": png, "data": rep}
+    return {"table": table, "budget_table": btable, "markdown": out_dir / "report.md", "png": png,
+            "budget_png": bpng, "data": rep}
 
 
 def main(argv=None) -> int:
@@ -229,5 +329,8 @@ def main(argv=None) -> int:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     print(res["table"])
-    print(f"\nwrote {res['markdown']} and {res['png']}")
+    if res["budget_table"]:
+        print("\nAt equal forgetting:\n" + res["budget_table"])
+    pngs = " and ".join(str(x) for x in (res["png"], res["budget_png"]) if x)
+    print(f"\nwrote {res['markdown']} and {pngs}")
     return 0

@@ -25,9 +25,15 @@ def trained_state(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag, exclude_frozen_parameters=True)
 
 
-def load_trained(run_dir: Path, tag: Optional[str] = None, dtype: torch.dtype = torch.float32):
-    """(cfg, model) with the trained weights of `tag` (default: the latest checkpoint)."""
+def load_trained(run_dir: Path, tag: Optional[str] = None, dtype: torch.dtype = torch.float32,
+                 allow_other_weights: bool = False):
+    """(cfg, model) with the trained weights of `tag` (default: the latest checkpoint).
+
+    The backbone must have the weights trained on (its fingerprint in the checkpoint's
+    meta), unless `allow_other_weights`.
+    """
     from ..engine import checkpoint
+    from ..engine.fingerprint import check_same_weights, weights_fingerprint
     from ..method.extend import extend_model
     from ..engine.model import backbone_hash, load_backbone
     from ..engine.rng import seed_everything
@@ -38,10 +44,10 @@ def load_trained(run_dir: Path, tag: Optional[str] = None, dtype: torch.dtype = 
         raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
     cfg = load_config(cfg_path)
     ckpt_dir = run_dir / "checkpoints"
-    tag = tag or checkpoint.latest_tag(ckpt_dir)
-    if tag is None:
+    chosen = checkpoint.select(ckpt_dir, tag)  # verified: digests, and pickles that hold only data
+    if chosen is None:
         raise ConfigError(f"{ckpt_dir}: no complete checkpoint")
-    meta = checkpoint.read_meta(ckpt_dir, tag)
+    tag, meta = chosen.tag, chosen.meta
     frozen_random = cfg.model.config is not None and cfg.method.name != "finetune"
     if frozen_random and meta.get("zero_stage") == 3:
         # zero.Init draws the random init partition by partition: outside it the frozen weights differ.
@@ -53,6 +59,8 @@ def load_trained(run_dir: Path, tag: Optional[str] = None, dtype: torch.dtype = 
     model = load_backbone(cfg, dtype)
     if backbone_hash(model.config) != meta["model_hash"]:
         raise ConfigError(f"{ckpt_dir / tag}: the backbone at model.path differs from the one trained")
+    check_same_weights(meta.get("weights_fingerprint"), weights_fingerprint(cfg.model.path, model),
+                       str(ckpt_dir / tag), "pass --allow-other-weights (export, readapt apply)", allow_other_weights)
     extend_model(model, cfg.method)
     state = trained_state(ckpt_dir, tag)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -107,7 +115,7 @@ def copy_tokenizer(src: str, out: Path, required: bool) -> bool:
 
 
 def export(run_dir: Path, out: Path, tag: Optional[str] = None, tokenizer: Optional[str] = None,
-           only: Optional[str] = None, dtype: Optional[str] = None) -> dict:
+           only: Optional[str] = None, dtype: Optional[str] = None, allow_other_weights: bool = False) -> dict:
     """Write OUT/adapters (not for finetune) and OUT/hf; `only` = "adapters" | "hf" skips the other.
 
     The adapters file keeps the fp32 master weights (it is small); the HF dir is cast to
@@ -116,7 +124,7 @@ def export(run_dir: Path, out: Path, tag: Optional[str] = None, tokenizer: Optio
     from .adapters_io import save_adapters
 
     out = Path(out)
-    cfg, model = load_trained(run_dir, tag)
+    cfg, model = load_trained(run_dir, tag, allow_other_weights=allow_other_weights)
     written = {}
     if only == "adapters" and cfg.method.name == "finetune":
         raise ConfigError(f"{run_dir}: a finetune run has no adapters; export the full model (--only hf)")
@@ -141,9 +149,12 @@ def main(argv=None) -> int:
     ap.add_argument("--tokenizer", help="tokenizer dir to copy into OUT/hf (default: the backbone's, if it has one)")
     ap.add_argument("--only", choices=("adapters", "hf"), help="write only the adapters-only files or the HF dir")
     ap.add_argument("--dtype", choices=tuple(DTYPES), help="dtype of the HF dir (default: the backbone's)")
+    ap.add_argument("--allow-other-weights", action="store_true",
+                    help="export even if the backbone's weights are not those trained on (other fingerprint)")
     args = ap.parse_args(argv)
     try:
-        written = export(args.run_dir, args.out, args.tag, args.tokenizer, args.only, args.dtype)
+        written = export(args.run_dir, args.out, args.tag, args.tokenizer, args.only, args.dtype,
+                         args.allow_other_weights)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2

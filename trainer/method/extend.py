@@ -196,8 +196,12 @@ class ParallelAdapterMLP(shipped.ParallelAdapterMLP):
         self.uses_l1, self.uses_bce = uses_l1, uses_bce
         self.domain_pass: Optional[_DomainPass] = None
         self.record: Optional[BlockRecord] = None
+        self.backbone_only = False
+        """Set by `backbone_only(model)`: the block is the backbone's MLP alone, and records nothing."""
 
     def forward(self, n: torch.Tensor) -> torch.Tensor:
+        if self.backbone_only:
+            return self.mlp(n)
         p = self.domain_pass
         if not self.training or p is None or p.mask is None:
             return super().forward(n)
@@ -372,6 +376,35 @@ def set_domain(model: nn.Module, original_mask: Optional[torch.Tensor], l1_token
 def current_pass(model: nn.Module) -> Optional[_DomainPass]:
     blocks = adapter_blocks(model)
     return blocks[0].domain_pass if blocks else None
+
+
+@contextlib.contextmanager
+def backbone_only(model: nn.Module):
+    """Inside the block, the extended model computes the backbone's own function.
+
+    Adapter blocks return their frozen MLP's output alone; LoRA layers their base layer's
+    (peft's own switch, `disable_adapters`, set on the layers: `enable_adapters(False)` would
+    also flip requires_grad on parameters the optimizer holds). The forget budget's reference
+    forward uses it: the backbone's loss without a second copy of the backbone. finetune
+    changed the backbone's own weights and has no such switch.
+    """
+    ext = get_extension(model)
+    if ext is None or ext.method.name == "finetune":
+        raise ValueError("backbone_only: finetune trains the backbone itself; only adapter methods and lora "
+                         "can switch back to it")
+    switches = list(ext.blocks)
+    if ext.method.name == "lora":
+        from peft.tuners.lora import LoraLayer
+
+        switches = [m for m in unwrap(model).modules() if isinstance(m, LoraLayer)]
+    attr = "backbone_only" if ext.blocks else "_disable_adapters"
+    for m in switches:
+        setattr(m, attr, True)
+    try:
+        yield
+    finally:
+        for m in switches:
+            setattr(m, attr, False)
 
 
 def trainable_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

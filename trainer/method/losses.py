@@ -7,6 +7,9 @@ Call `local_loss(model, method)` after a training forward that followed
   bce = mean over layers and ALL tokens of BCE(sigmoid(w_b . n), new=1 / original=0)
   local = alpha * l1 (if method.uses_l1) + bce_weight * bce (if method.uses_bce)
 
+alpha is `method.alpha`, or, under a forgetting budget, the multiplier the trainer passes
+(budget.py): the l1 weight then changes from step to step.
+
 The l1 is exactly 0 (never NaN) on a batch without original tokens. The BCE is not:
 it is a two-class gate classifier, and new-only micro batches are where it sees the
 positive class (with p = 0 it simply opens every gate, i.e. plain adapters).
@@ -18,6 +21,8 @@ which the blocks then inject. That works with no checkpointing, non-reentrant an
 reentrant checkpointing alike, and respects DeepSpeed's loss scaling and 1/GAS.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import nn
@@ -48,8 +53,9 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def local_loss(model: nn.Module, method: MethodConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(already weighted local loss, stats) for the last training forward.
+def local_loss(model: nn.Module, method: MethodConfig,
+               alpha: Optional[float] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(already weighted local loss, stats) for the last training forward; `alpha` overrides method.alpha.
 
     Stats are detached 0-dim tensors (no host sync here; `.item()` them when logging):
     l1 and bce (unweighted, when the method uses them), and per domain, pooled over
@@ -80,10 +86,11 @@ def local_loss(model: nn.Module, method: MethodConfig) -> tuple[torch.Tensor, di
         "gate_mean_original": t["gate_original"] / n_o, "gate_mean_new": t["gate_new"] / n_n,
         "residual_abs_original": t["residual_abs_original"] / n_o, "residual_abs_new": t["residual_abs_new"] / n_n,
     }
+    alpha = method.alpha if alpha is None else float(alpha)
     value = zero
     if method.uses_l1:
         stats["l1"] = torch.stack([r.l1_share for r in records]).sum()
-        value = value + method.alpha * stats["l1"]
+        value = value + alpha * stats["l1"]
     if method.uses_bce:
         stats["bce"] = torch.stack([r.bce_share for r in records]).sum()
         value = value + method.bce_weight * stats["bce"]
@@ -95,7 +102,7 @@ def local_loss(model: nn.Module, method: MethodConfig) -> tuple[torch.Tensor, di
         return value.float(), stats
     anchor = torch.zeros((), device=value.device, requires_grad=True)
     loss = _LocalLossGrad.apply(value.float(), anchor, domain_pass,
-                                method.alpha if method.uses_l1 else 0.0,
+                                alpha if method.uses_l1 else 0.0,
                                 method.bce_weight if method.uses_bce else 0.0)
     return loss, stats
 
@@ -110,3 +117,16 @@ def layer_statistics(model: nn.Module) -> dict[str, torch.Tensor]:
     return {"gate_active_original": s[:, 2] / n_o, "gate_active_new": s[:, 3] / n_n,
             "gate_mean_original": s[:, 4] / n_o, "gate_mean_new": s[:, 5] / n_n,
             "residual_abs_original": s[:, 6] / n_o, "residual_abs_new": s[:, 7] / n_n}
+
+
+def replay_loss(nll: torch.Tensor, original: torch.Tensor, step_original_tokens: float) -> torch.Tensor:
+    """This micro batch's share of the mean LM loss over the step's original-domain tokens.
+
+    `nll` is the (B, T-1) per-token loss, `original` the (B, 1) mask of original-domain rows and
+    `step_original_tokens` their predicted tokens per micro batch and rank, averaged over the
+    whole step (as for the l1). DeepSpeed averages gradients over accumulation steps and ranks,
+    so the shares add up to the mean over the step's original tokens whatever the world size.
+    A forgetting budget weights it by its multiplier for the methods without an l1 (budget.py).
+    """
+    rows = original.to(device=nll.device, dtype=nll.dtype).reshape(-1, 1)
+    return (nll * rows).sum() / max(step_original_tokens, 1.0)

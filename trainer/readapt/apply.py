@@ -61,9 +61,13 @@ def _from_pretrained(path: Path, dtype: torch.dtype) -> nn.Module:
         raise ReadaptError(f"{path}: cannot load a causal LM: {str(e).splitlines()[0]}") from None
 
 
-def load_psi(psi: Optional[Path], base_dir: Path, dtype: torch.dtype,
-             tag: Optional[str] = None) -> tuple[nn.Module, Optional[MethodConfig], str]:
-    """(model holding Psi, its method or None, a description): see the module docstring for the sources."""
+def load_psi(psi: Optional[Path], base_dir: Path, dtype: torch.dtype, tag: Optional[str] = None,
+             allow_other_weights: bool = False) -> tuple[nn.Module, Optional[MethodConfig], str]:
+    """(model holding Psi, its method or None, a description): see the module docstring for the sources.
+
+    A run or adapters trained on other backbone weights (another weights fingerprint) are
+    refused unless `allow_other_weights`.
+    """
     from ..export.adapters_io import CONFIG_NAME, load_adapters
     from ..export.export import load_trained
 
@@ -72,7 +76,7 @@ def load_psi(psi: Optional[Path], base_dir: Path, dtype: torch.dtype,
     psi = Path(psi)
     if (psi / "config.yaml").is_file() and (psi / "checkpoints").is_dir():
         try:
-            cfg, model = load_trained(psi, tag, dtype)
+            cfg, model = load_trained(psi, tag, dtype, allow_other_weights)
         except ConfigError as e:
             raise ReadaptError(str(e)) from None
         return model, cfg.method, f"run {psi} ({cfg.method.name})"
@@ -80,7 +84,7 @@ def load_psi(psi: Optional[Path], base_dir: Path, dtype: torch.dtype,
         if (adapters / CONFIG_NAME).is_file():
             model = _from_pretrained(base_dir, dtype)
             try:
-                method = load_adapters(model, adapters)
+                method = load_adapters(model, adapters, allow_other_weights)
             except ValueError as e:
                 raise ReadaptError(str(e)) from None
             return model, method, f"adapters {adapters} ({method.name})"
@@ -184,13 +188,13 @@ def recombine(model: nn.Module, method: Optional[MethodConfig], base: Checkpoint
 
 def build(base_dir: Optional[str | Path], delta_dir: str | Path, psi: Optional[str | Path] = None,
           a: float = 0.5, b: float = 0.5, tag: Optional[str] = None,
-          dtype: str = "auto") -> tuple[nn.Module, Optional[MethodConfig], dict]:
+          dtype: str = "auto", allow_other_weights: bool = False) -> tuple[nn.Module, Optional[MethodConfig], dict]:
     """(recombined model in memory, Psi's method or None, provenance). base_dir defaults to the delta's base."""
     delta = DeltaDir(delta_dir)
     base_dir = Path(base_dir or delta.meta["base"]["path"])
     base = Checkpoint(base_dir)
     torch_dtype = resolve_dtype(dtype, base)
-    model, method, source = load_psi(Path(psi) if psi else None, base_dir, torch_dtype, tag)
+    model, method, source = load_psi(Path(psi) if psi else None, base_dir, torch_dtype, tag, allow_other_weights)
     check_same_architecture(model.config, load_config(base_dir), "the Psi model", str(base_dir))
     recombine(model, method, base, delta, a, b)
     model.eval()
@@ -220,10 +224,10 @@ def save(model: nn.Module, method: Optional[MethodConfig], out: Path) -> Path:
 
 def apply(base_dir: Optional[str | Path], delta_dir: str | Path, out: str | Path,
           psi: Optional[str | Path] = None, a: float = 0.5, b: float = 0.5, tag: Optional[str] = None,
-          dtype: str = "auto", tokenizer: Optional[str | Path] = None) -> dict:
+          dtype: str = "auto", tokenizer: Optional[str | Path] = None, allow_other_weights: bool = False) -> dict:
     """base + a*Psi + b*Delta -> `out` (HF dir, plus readapt_apply.json); returns the provenance."""
     out = Path(out)
-    model, method, info = build(base_dir, delta_dir, psi, a, b, tag, dtype)
+    model, method, info = build(base_dir, delta_dir, psi, a, b, tag, dtype, allow_other_weights)
     save(model, method, out)
     src = Path(tokenizer) if tokenizer else Path(info["instruct"])
     copied = [f for f in TOKENIZER_FILES if (src / f).is_file()]

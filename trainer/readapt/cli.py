@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--dtype", default="auto", help="auto (the base's) | " + " | ".join(DTYPE_NAMES))
     a.add_argument("--tokenizer", type=Path, help="dir to copy tokenizer files from (default: the instruct model)")
     a.add_argument("--out", type=Path, required=True)
+    a.add_argument("--allow-other-weights", action="store_true",
+                   help="use Psi even if it was trained on other base weights (another weights fingerprint)")
     return ap
 
 
@@ -65,7 +67,7 @@ def main(argv=None) -> int:
         else:
             from .apply import apply
             info = apply(args.base, args.delta, args.out, args.psi, args.a, args.b, args.tag, args.dtype,
-                         args.tokenizer)
+                         args.tokenizer, args.allow_other_weights)
             print(json.dumps(info, indent=2))
     except ReadaptError as e:
         print(f"error: {e}", file=sys.stderr)
