@@ -310,7 +310,10 @@ class Trainer:
         Both figures are global (reduced over ranks), so every rank stops at the same step.
         """
         loss = metrics.sums[:, NLL].sum().item() + metrics.local_total
-        norm = self.engine.get_global_grad_norm()
+        # Under fp16 loss scaling an overflowing step is skipped by design while the scale settles.
+        # In fp32/bf16 DeepSpeed skips a non-finite step too, silently: a run that does that is broken.
+        skipped_by_design = self.engine.fp16_enabled() and not self.engine.was_step_applied()
+        norm = None if skipped_by_design else self.engine.get_global_grad_norm()
         bad = [f"{name} {value}" for name, value in (("loss", loss), ("gradient norm", norm))
                if value is not None and not math.isfinite(float(value))]
         if bad:
