@@ -173,8 +173,7 @@ def weights_fingerprint(model_path: Optional[str | Path], model: nn.Module) -> s
     from . import dist
 
     if model_path and Path(model_path).is_dir() and safetensors_files(Path(model_path)):
-        main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-        return dist.broadcast_object(dir_fingerprint(model_path) if main else None)
+        return dist.broadcast_object(dir_fingerprint(model_path) if dist.detect_world().is_main else None)
     return module_fingerprint(model)
 
 
