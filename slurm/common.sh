@@ -52,6 +52,10 @@ gpus_on_node() {
 #                restart count, so a requeued attempt never meets its predecessor's socket.
 #                Range 10000-29999: below Linux's ephemeral ports (32768+).
 slurm_dist_env() {
+    # sbatch exports the submitting shell's environment: a RANK or WORLD_SIZE left there (a
+    # torchrun shell, a notebook that started a process group) would override srun's task ids
+    # and make every task rank 0 of its own world.
+    unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE
     MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
     MASTER_PORT=$(( 10000 + (SLURM_JOB_ID % 1000) * 20 + ${SLURM_RESTART_COUNT:-0} % 20 ))
     export MASTER_ADDR MASTER_PORT

@@ -1,7 +1,9 @@
-"""Shared test setup: CPU DeepSpeed, repo root on sys.path, quiet logs."""
+"""Shared test setup: CPU DeepSpeed, repo root on sys.path, quiet logs, an environment each test leaves as it found it."""
 import os
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -11,3 +13,14 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """Tests that start a process group in-process set RANK, WORLD_SIZE and MASTER_PORT; left in
+    place, every later subprocess and `sbatch` submission would inherit them (a 2-task srun step
+    then ran as two rank-0 processes of one)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

@@ -88,6 +88,19 @@ def wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, min_step: int, ti
     raise AssertionError("no checkpoint in time")
 
 
+def wait_for_step(run_dir: Path, proc, min_step: int, timeout: int = 300) -> None:
+    """Until metrics.jsonl logs `min_step`: training has started and its signal handlers are in place."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        path = run_dir / "metrics.jsonl"
+        if path.is_file() and any(m.get("step", 0) >= min_step and "loss" in m for m in metrics(run_dir)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited with {proc.returncode} before step {min_step}")
+        time.sleep(0.1)
+    raise AssertionError(f"no step {min_step} in time")
+
+
 def kill_tree(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
     os.killpg(proc.pid, sig)
 
@@ -133,6 +146,18 @@ class Ranks:
         for p in self.procs:
             if p.poll() is None:
                 p.send_signal(sig)
+
+    def interrupt(self, sig) -> None:
+        """Deliver `sig` to every rank while none can finish a step: frozen with SIGSTOP, signalled,
+        then continued. Signalling running ranks races with the end of a short run (all its steps
+        may be done before the signal lands, and it then rightly exits 0)."""
+        for p in self.procs:
+            p.send_signal(signal.SIGSTOP)
+        assert self.poll() is None and all(p.poll() is None for p in self.procs), "a rank exited before the signal"
+        for p in self.procs:
+            p.send_signal(sig)
+        for p in self.procs:
+            p.send_signal(signal.SIGCONT)
 
     def wait(self, timeout: int = 300) -> list[int]:
         return [p.wait(timeout=timeout) for p in self.procs]

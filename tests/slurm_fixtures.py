@@ -196,7 +196,7 @@ for sig in (signal.SIGUSR1, signal.SIGTERM):
     signal.signal(sig, lambda s, f: stop.append(signal.Signals(s).name))
 attempt = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
 (run / "ranks").mkdir(parents=True, exist_ok=True)
-keys = ("MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR", "SLURM_NTASKS", "SLURM_RESTART_COUNT")
+keys = ("MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR", "SLURM_NTASKS", "SLURM_RESTART_COUNT", "RANK", "WORLD_SIZE")
 (run / "ranks" / f"attempt{attempt}_rank{rank}.json").write_text(json.dumps(
     {"argv": sys.argv[1:], "local": local, "world": world, **{k: os.environ.get(k) for k in keys}}))
 latest = run / "checkpoints" / "latest"

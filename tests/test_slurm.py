@@ -257,6 +257,18 @@ def test_uninterrupted_stub_run_completes(cluster, tmp_path):
 
 
 @pytest.mark.slurm
+def test_ranks_come_from_srun_not_from_the_submitting_shell(cluster, tmp_path):
+    """sbatch exports the submitter's environment; a RANK/WORLD_SIZE there (a torchrun shell, a
+    process group started in a notebook) must not make both tasks rank 0 of a world of 1."""
+    job, run_dir, _ = _submit_stub(cluster, tmp_path, steps=1,
+                                   extra_env={"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+    (rec,) = wait_job(job, timeout=60)
+    assert rec["JobState"] == "COMPLETED"
+    seen = [json.loads((run_dir / "ranks" / f"attempt0_rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(s["RANK"], s["WORLD_SIZE"]) for s in seen] == [(None, None), (None, None)]
+
+
+@pytest.mark.slurm
 def test_missing_config_fails_fast(cluster, tmp_path):
     log = tmp_path / "train.out"
     job = sbatch([*LOCAL_TRAIN_OPTS, f"--output={log}", str(SLURM_DIR / "train.sbatch"), "nope.yaml"], tmp_path)

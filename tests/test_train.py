@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from launch import (Ranks, evals, kill_tree, metrics, run, start, step_losses, train_cmd, wait_for_checkpoint,
-                    write_config)
+                    wait_for_step, write_config)
 from mds_fixtures import tiny_run_config, two_domain_data
 
 pytestmark = pytest.mark.slow
@@ -120,8 +120,8 @@ def test_sigterm_checkpoints_exits_75_and_resumes_on_another_world_size(tmp_path
     cfg = config(tmp_path, data, name="stopped", max_steps=12)
     path = write_config(cfg, tmp_path / "b.yaml")
     ranks = Ranks(path, before, tmp_path / "stopped.log")
-    wait_for_checkpoint(tmp_path / "stopped", ranks, min_step=4)
-    ranks.signal(signal.SIGTERM)
+    wait_for_step(tmp_path / "stopped", ranks, min_step=2)
+    ranks.interrupt(signal.SIGTERM)
     assert ranks.wait() == [75] * before
     stopped_at = int((tmp_path / "stopped" / "checkpoints" / "latest").read_text().split("_")[1])
     assert stopped_at < 12

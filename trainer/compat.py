@@ -90,8 +90,9 @@ def deepspeed_checkpoint_globals() -> list:
     Checked against deepspeed 0.19.8 by `torch.serialization.get_unsafe_globals_in_checkpoint`
     on ZeRO-1/2/3 and universal checkpoints of every method (tests/test_compat.py): the
     optimizer shards pickle the loss scaler, the ZeRO stage enum and the fragment addresses
-    of flattened params; the model-states file holds our client state, whose RNG state is
-    numpy arrays. All are plain data: building them runs no code of the file's choosing.
+    of flattened params. numpy's array reconstruction is there for checkpoints written before
+    our RNG state was stored as plain lists (engine/rng.py); new ones need no numpy global.
+    All are plain data: building them runs no code of the file's choosing.
     """
     import numpy as np
     from deepspeed.runtime.fp16.loss_scaler import LossScaler

@@ -27,22 +27,31 @@ class World:
         return self.rank == 0
 
 
-def _from_slurm() -> None:
-    """Fill torch's launcher variables from srun's, if no launcher set them."""
-    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
-        return
+def _launcher_env() -> dict[str, str]:
+    """torch's launcher variables as this process should see them; srun's translated if no launcher set them.
+
+    Pure: asking which rank we are (checkpoint selection, the weights fingerprint) must not
+    change the environment that later child processes or `sbatch` submissions inherit.
+    """
+    env = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                                      "MASTER_ADDR", "MASTER_PORT") if k in os.environ}
     # `sbatch` alone also sets SLURM_PROCID=0 for the batch step; only trust it inside srun.
-    if "SLURM_STEP_ID" not in os.environ and "SLURM_NTASKS" not in os.environ:
-        return
-    os.environ["RANK"] = os.environ["SLURM_PROCID"]
-    os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
-    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-    tasks_per_node = os.environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
-    if not tasks_per_node and "SLURM_STEP_TASKS_PER_NODE" in os.environ:
-        tasks_per_node = os.environ["SLURM_STEP_TASKS_PER_NODE"].split("(")[0].split(",")[0]
-    os.environ["LOCAL_WORLD_SIZE"] = tasks_per_node or os.environ["WORLD_SIZE"]
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
+    in_srun = "SLURM_PROCID" in os.environ and ("SLURM_STEP_ID" in os.environ or "SLURM_NTASKS" in os.environ)
+    if "RANK" not in env and in_srun:
+        env["RANK"] = os.environ["SLURM_PROCID"]
+        env["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
+        env["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+        tasks_per_node = os.environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
+        if not tasks_per_node and "SLURM_STEP_TASKS_PER_NODE" in os.environ:
+            tasks_per_node = os.environ["SLURM_STEP_TASKS_PER_NODE"].split("(")[0].split(",")[0]
+        env["LOCAL_WORLD_SIZE"] = tasks_per_node or env["WORLD_SIZE"]
+        env.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
+    env.setdefault("RANK", "0")
+    env.setdefault("WORLD_SIZE", "1")
+    env.setdefault("LOCAL_RANK", "0")
+    env.setdefault("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    return env
 
 
 def free_port() -> int:
@@ -53,23 +62,21 @@ def free_port() -> int:
 
 
 def detect_world() -> World:
-    _from_slurm()
-    rank = int(os.environ.get("RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    # A single process still needs a (1-rank) process group for DeepSpeed.
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank),
-                      LOCAL_WORLD_SIZE=str(local_world))
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        # A lone process needs a 1-rank group too; a fixed port would clash with other jobs on the node.
-        os.environ["MASTER_PORT"] = str(free_port()) if world_size == 1 else "29500"
-    return World(rank, world_size, local_rank, local_world)
+    env = _launcher_env()
+    return World(*(int(env[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")))
 
 
 def init_distributed() -> World:
-    """Detect ranks, pick the accelerator and start the process group (idempotent)."""
+    """Detect ranks, pick the accelerator and start the process group (idempotent).
+
+    The variables are written to the environment here, and only here: DeepSpeed's `env://`
+    rendezvous and streaming read them from there.
+    """
+    env = _launcher_env()
+    if "MASTER_PORT" not in env:
+        # A lone process needs a 1-rank group too; a fixed port would clash with other jobs on the node.
+        env["MASTER_PORT"] = str(free_port()) if env["WORLD_SIZE"] == "1" else "29500"
+    os.environ.update(env)
     world = detect_world()
     if not torch.cuda.is_available():
         # DeepSpeed would otherwise probe for accelerators and may pick a wrong one.
