@@ -13,7 +13,7 @@ from launch import kill_tree, metrics, run, start, step_losses, train_cmd, wait_
 from mds_fixtures import tiny_run_config, two_domain_data
 from tiny_models import one_thread, random_batch, tiny_model  # noqa: F401
 from trainer.config import ConfigError, MethodConfig
-from trainer.method.budget import LN2, ForgettingBudget
+from trainer.method.budget import AIM, LN2, P_STEPS as P, ForgettingBudget
 
 
 def budget(eps=0.1, relative=False, lever="l1", dual_lr=1.0, ema=0.0):
@@ -31,19 +31,22 @@ def test_violation_raises_the_multiplier_slack_lowers_it_never_below_zero():
     b = budget(eps=0.1, dual_lr=2.0)
     b.step()
     assert b.multiplier == 0.0 and b.updates == 0  # nothing measured yet: no step
-    measure_bpb(b, 1.3, 1.0)  # degradation 0.3 = 3x the budget: relative violation +2
+    measure_bpb(b, 1.28, 1.0)  # degradation 0.28 against a setpoint of AIM * 0.1 = 0.08: violation +2
     b.step()
-    assert b.multiplier == pytest.approx(4.0)
+    # I = 2 * 2 = 4, and the proportional term adds P dual steps at once.
+    assert b.integral == pytest.approx(4.0)
+    assert b.multiplier == pytest.approx(4.0 + P * 4.0)
+    b.step()  # the same violation: raised again, by one dual step
+    assert b.multiplier == pytest.approx(8.0 + P * 4.0)
+    measure_bpb(b, 1.04, 1.0)  # within the budget but under the setpoint: violation -0.4
     b.step()
-    assert b.multiplier == pytest.approx(8.0)
-    measure_bpb(b, 1.05, 1.0)  # slack: degradation 0.05, relative violation -0.5
-    b.step()
-    assert b.multiplier == pytest.approx(7.0)
-    assert b.slack == pytest.approx(0.05)
-    measure_bpb(b, 0.9, 1.0)  # the model beats the backbone: violation -2 per step
+    assert b.integral == pytest.approx(8.0 - 0.8)
+    assert b.multiplier == pytest.approx(max(0.0, 7.2 - P * 0.8))  # lowered at once, not over many steps
+    assert b.slack == pytest.approx(0.06)
+    measure_bpb(b, 0.9, 1.0)  # the model beats the backbone: violation -1.8 per step
     for _ in range(10):
         b.step()
-    assert b.multiplier == 0.0
+    assert b.multiplier == 0.0 and b.integral == 0.0
 
 
 def test_estimate_is_an_ema_of_sums_and_steps_without_original_tokens_change_nothing():
@@ -63,7 +66,8 @@ def test_relative_budget_is_a_fraction_of_the_backbone_estimate():
     measure_bpb(b, 2.1, 2.0)
     assert b.eps_bpb == pytest.approx(0.04) and b.backbone_bpb == pytest.approx(2.0)
     b.step()
-    assert b.multiplier == pytest.approx((0.1 - 0.04) / 0.04)
+    violation = (0.1 - AIM * 0.04) / 0.04  # in budgets of 4% of the backbone's 2.0
+    assert b.multiplier == pytest.approx((1 + P) * violation)
 
 
 def test_levers_and_state_round_trip_exactly():

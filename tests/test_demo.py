@@ -1,5 +1,6 @@
 """The CPU quickstart, end to end, through real subprocesses (`python -m trainer demo --quick`)."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -77,9 +78,16 @@ def test_quick_demo_at_a_forgetting_budget(quick_demo):
 def test_quick_demo_on_two_ranks_per_job_gives_the_one_rank_table(quick_demo, tmp_path):
     """Two jobs of 2 ranks side by side: the ranks of each job and the two jobs share the node's
     shared memory (streaming registration, DeepSpeed's CPU all-reduce), and the sample order does
-    not depend on the number of ranks, so the table is the 1-rank one up to float reduction order."""
-    out = tmp_path / "demo2"
-    run_demo(out, "--nproc", "2")
+    not depend on the number of ranks, so the table is the 1-rank one up to float reduction order.
+    The extensions start from the 1-rank demo's corpus, data and backbone (its finished steps)."""
+    base, out = quick_demo[0], tmp_path / "demo2"
+    for d in ("corpus", "tokenizer", "data", "pretrain", "backbone"):
+        shutil.copytree(base / d, out / d)
+    (out / ".done").mkdir()
+    for step in ("corpus", "tokenizer", "data", "pretrain", "export_backbone"):
+        shutil.copy(base / ".done" / step, out / ".done" / step)
+    p = run_demo(out, "--nproc", "2")
+    assert p.stdout.count(": cached") == 5 and p.stdout.count(": done") == 4, p.stdout[-2000:]
     assert "world size 2" in (out / "logs" / "neutral_residues.log").read_text()
     one, two = bpb_table(quick_demo[0]), bpb_table(out)
     assert one.keys() == two.keys()

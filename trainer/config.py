@@ -82,7 +82,7 @@ class MethodConfig:
     forgetting_budget: Optional[float | str] = None
     """Allowed rise of the original domain's loss over the backbone's, in bits per byte (0.01) or relative to the backbone's (2%). Set, a multiplier found by dual ascent holds it: it is alpha for gated methods, and weights the original tokens' LM loss for the others (README: Choosing a forgetting budget)."""
     dual_lr: Optional[float] = None
-    """Dual step size of the forgetting budget: change of the multiplier per step at a violation of 100% of the budget. Default: 0.5 (gated methods), 0.1 (others)."""
+    """Dual step size of the forgetting budget: change of the multiplier's integral part per step at a violation of one budget; the proportional part moves 20 times that at once. Default: 0.1."""
     budget_measure: Optional[str] = None
     """Where the budget measures forgetting: train (the step's original-domain rows, against the adapters switched off) or heldout (a fixed probe of the original domain's val set). Default: train; finetune can only use heldout."""
 

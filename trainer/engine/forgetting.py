@@ -10,7 +10,7 @@ Two meters (`method.budget_measure`); finetune, which cannot switch back to its 
 - `HeldOutProbe` (heldout): a fixed probe of the original domain's held-out samples. The backbone's
   loss on it is measured once, before the first step (when the model still is the backbone) and kept
   in the budget's state; the trained model's, one chunk of it in turn, every `PROBE_EVERY` steps.
-  The probe is the END of the val set, away from the first samples that `eval.max_batches` evaluates.
+  The probe is spread evenly over the whole val set, so it measures the same text as a full eval.
 
 Both return sums over all ranks, [trained nats, backbone nats, bytes], so every rank derives the
 same multiplier. Every rank runs the same number of forwards whatever its rows (ZeRO-3 gathers
@@ -80,14 +80,14 @@ class ReferenceForward:
 class HeldOutProbe:
     """The trained model vs the backbone on a fixed held-out probe, one chunk at a time (finetune's only meter).
 
-    The probe is PROBE_CHUNKS chunks of half a global batch each, from the end of the original
-    domain's val set. The backbone's loss on every chunk is measured once, before the first step;
+    The probe is PROBE_CHUNKS chunks of half a global batch each, spread over the original domain's
+    val set. The backbone's loss on every chunk is measured once, before the first step;
     then every PROBE_EVERY steps the next chunk, in turn, is measured again with the trained model.
     A small fixed probe would be cheap but biased (which few samples it holds decides the figure);
     rotating over a large one costs the same per step and its smoothed estimate covers all of it.
     """
 
-    ema = 0.8  # about the last 5 chunks
+    ema = 0.9  # about the last 10 chunks: 5 global batches of samples, over the last 50 steps
 
     def __init__(self, engine, device: torch.device, path: str, rank: int, world_size: int, chunk: int):
         from streaming import LocalDataset
@@ -96,7 +96,12 @@ class HeldOutProbe:
         ds = LocalDataset(local=path)
         n = len(ds)
         chunk = max(1, min(chunk, n // PROBE_CHUNKS))
-        probe = list(range(max(0, n - chunk * PROBE_CHUNKS), n))
+        # Evenly spaced over the whole val set: val sets keep their documents' order, so one end of
+        # one can be another kind of text (the quickstart's English val has a stretch at 1/3 of the
+        # backbone's bits per byte) and a probe from one end measures another forgetting.
+        probe = sorted({round(i * n / (chunk * PROBE_CHUNKS)) for i in range(chunk * PROBE_CHUNKS)})
+        # Interleaved into chunks, so that each chunk, too, spans the whole set.
+        probe = [probe[i] for c in range(PROBE_CHUNKS) for i in range(c, len(probe), PROBE_CHUNKS)]
         self.chunks = []
         for c in range(0, len(probe), chunk):
             ids = probe[c:c + chunk]

@@ -8,11 +8,21 @@ lambda >= 0, raised while the constraint is violated and lowered while it has sl
               original-domain tokens (summed over ranks and micro batches, so every rank sees
               the same figure and holds the same lambda)
     d_hat   = running estimate of d: an EMA of the summed nats and bytes, then their ratio
-    lambda <- max(0, lambda + dual_lr * (d_hat - EPS) / EPS)          once per optimizer step
+    e       = (d_hat - AIM * EPS) / EPS                              the violation, in budgets
+    I      <- max(0, I + dual_lr * e)                                once per optimizer step
+    lambda  = max(0, I + P_STEPS * dual_lr * e)
+
+I is plain dual ascent. Alone, it lags: forgetting answers a change of lambda only over tens
+of steps (the gates close and reopen slowly), so by the time the estimate is back under the
+budget, I has overshot, and it swings. The proportional term (a PI controller on the multiplier,
+Sohrabi et al., "On PI controllers for updating Lagrange multipliers", ICML 2024) acts on the
+current violation at once and damps the swing; with P_STEPS = 0 it is dual ascent again.
+The setpoint is AIM * EPS, not EPS: the estimate is noisy (a step holds a few original-domain
+rows), and a controller that aims at EPS ends above it about half of the time.
 
 The violation is measured as a fraction of the budget, so one dual step size fits every EPS
-and every scale of bits per byte: `dual_lr` is how much lambda moves in one step when the
-model forgets twice what it may.
+and every scale of bits per byte: `dual_lr` is how much I moves in one step when the model
+forgets AIM + 1 budgets.
 
 What lambda weights depends on the method (`lever`):
   - "l1" (neutral_residues, sigmoid_gate): lambda is the l1 weight alpha, the lever that
@@ -36,8 +46,16 @@ from ..config import MethodConfig
 
 LN2 = math.log(2)
 
-DEFAULT_DUAL_LR = {"l1": 0.5, "replay": 0.1}
-"""Per-step change of lambda at a 100% violation; l1 weights are larger numbers than replay weights."""
+AIM = 0.8
+"""The controller's setpoint, as a fraction of EPS (module docstring)."""
+
+P_STEPS = 20.0
+"""The proportional term's gain, in steps of the integral: a violation moves lambda at once by what
+P_STEPS dual steps would."""
+
+DEFAULT_DUAL_LR = {"l1": 0.1, "replay": 0.1}
+"""Per-step change of I at a violation of one budget. One value for both levers since the proportional
+term carries the fast response (plain dual ascent needed 0.5 for the l1 weight, and swung with it)."""
 
 
 def lever(method: MethodConfig) -> str:
@@ -56,6 +74,8 @@ class ForgettingBudget:
         self.eps, self.relative, self.lever, self.dual_lr, self.ema = eps, relative, lever, dual_lr, ema
         self.dual_lr_given = dual_lr_given
         self.multiplier = 0.0
+        self.integral = 0.0
+        """I, the dual-ascent part of the multiplier."""
         self.model_nats = self.ref_nats = self.nbytes = 0.0
         """EMAs of the summed NLL of the trained model and of the backbone, and of the bytes behind them."""
         self.measurements = 0
@@ -118,11 +138,13 @@ class ForgettingBudget:
     # ------------------------------------------------------------------ dual step
 
     def step(self) -> None:
-        """One dual ascent step from the current estimate (none before the first measurement)."""
+        """One step of the multiplier from the current estimate (none before the first measurement)."""
         d, eps = self.degradation, self.eps_bpb
         if d is None or eps is None or eps <= 0:
             return
-        self.multiplier = max(0.0, self.multiplier + self.dual_lr * (d - eps) / eps)
+        violation = (d - AIM * eps) / eps
+        self.integral = max(0.0, self.integral + self.dual_lr * violation)
+        self.multiplier = max(0.0, self.integral + P_STEPS * self.dual_lr * violation)
         self.updates += 1
 
     @property
@@ -143,7 +165,7 @@ class ForgettingBudget:
                "slack": self.slack, "degradation_last": self.last}
         return {k: v for k, v in out.items() if v is not None}
 
-    _STATE = ("multiplier", "model_nats", "ref_nats", "nbytes", "measurements", "updates", "last", "reference",
+    _STATE = ("multiplier", "integral", "model_nats", "ref_nats", "nbytes", "measurements", "updates", "last", "reference",
               "dual_lr", "ema", "eps", "relative", "lever")
 
     def state_dict(self) -> dict:
@@ -161,3 +183,4 @@ class ForgettingBudget:
                 "ema"]
         for k in keys + ([] if self.dual_lr_given else ["dual_lr"]):
             setattr(self, k, state[k])
+        self.integral = state.get("integral", self.multiplier)  # checkpoints of the pure dual ascent
