@@ -12,6 +12,7 @@ import math
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ import torch
 from launch import ROOT, env
 from trainer.bench import cli as bench
 from trainer.bench.flops import ModelShape, expected_speedup, flops_per_token, peak_matmul_flops
-from trainer.bench.plan import METHODS, SIZES, throughput_jobs, zero_jobs
+from trainer.bench.plan import BUDGET_EPS, BUDGET_METERS, METHODS, SIZES, budget_jobs, throughput_jobs, zero_jobs
 from trainer.bench.profile import category, summarize
 from trainer.bench.report import markdown, missing_figures, targets
 from trainer.bench.runs import checkpoint_contents, segments, summarize_segment, window_rates
@@ -144,13 +145,37 @@ def test_ratios_pair_runs_of_the_same_repeat_so_drift_cancels(tmp_path):
         bench.paired_ratio({0: 1.0}, {1: 1.0})
 
 
+def test_budget_cost_pairs_each_run_with_the_same_repeats_plain_run(tmp_path):
+    b = _bench(tmp_path, 2)
+    for r, speed in enumerate((1.0, 3.0)):  # the machine runs 3x faster in repeat 1
+        b.runs[(r, "neutral_residues")] = _run(100 * speed)
+        b.budget_runs[(r, "neutral_residues")] = {"tokens_per_s": 96 * speed}
+    b.budget_runs[(0, "finetune")] = {"tokens_per_s": 50}  # its plain run failed: a speed, no ratio
+    b.collect_budget()
+    nr = b.res["budget"]["neutral_residues"]
+    assert nr["ratio_vs_off_per_repeat"] == pytest.approx([0.96, 0.96])
+    assert nr["overhead"] == pytest.approx(0.04) and nr["measure"] == "train"
+    assert b.res["budget"]["finetune"] == {"measure": "heldout", "tokens_per_s": 50}
+    missing = missing_figures(b.res)
+    assert "budget.finetune.overhead" in missing and "budget.neutral_residues.overhead" not in missing
+
+
+def test_budget_jobs_are_the_plain_runs_with_a_binding_budget(tmp_path):
+    data = {d: {"train": str(tmp_path / d), "val": str(tmp_path / d)} for d in ("en", "code")}
+    plain = {off.config["method"]["name"]: off.config for off, _ in throughput_jobs(TINY, data, tmp_path)}
+    for job in budget_jobs(TINY, data, tmp_path):
+        method = job.config["method"]
+        assert method["forgetting_budget"] == BUDGET_EPS and method["budget_measure"] == BUDGET_METERS[method["name"]]
+        assert job.config["train"] == plain[method["name"]]["train"] and job.run_dir != Path(plain[method["name"]]["run_dir"])
+
+
 def test_each_repeat_runs_the_pairs_side_by_side_and_odd_repeats_reverse(tmp_path):
     names = [name for name, _ in _bench(tmp_path, 2).launches()]
-    first = [f"train {m} (repeat 0)" for m in METHODS] + ["peer: HF Trainer + PEFT (repeat 0)",
-                                                          "peer: HF Trainer + PEFT + DeepSpeed (repeat 0)"]
-    assert names[:6] == first
-    assert names[6:12] == [n.replace("repeat 0", "repeat 1") for n in first[::-1]]
-    assert names[12:] == ["ZeRO-2 at 2 ranks", "ZeRO-3 at 2 ranks"]
+    first = ([f"train {m} (repeat 0)" for m in METHODS] + [f"train {m}/budget (repeat 0)" for m in BUDGET_METERS]
+             + ["peer: HF Trainer + PEFT (repeat 0)", "peer: HF Trainer + PEFT + DeepSpeed (repeat 0)"])
+    assert names[:9] == first
+    assert names[9:18] == [n.replace("repeat 0", "repeat 1") for n in first[::-1]]
+    assert names[18:] == ["ZeRO-2 at 2 ranks", "ZeRO-3 at 2 ranks"]
     assert list(METHODS[:2]) == ["neutral_residues", "finetune"] and METHODS[-1] == "lora"
 
 
@@ -245,7 +270,7 @@ def test_1b_on_cpu_builds_its_configs_then_refuses_in_one_line(tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --size 1b needs --device cuda") and "\n" not in err
     configs = sorted(p.name for p in (tmp_path / "configs").iterdir())
-    assert len(configs) == 2 * len(METHODS) + 2
+    assert len(configs) == 2 * len(METHODS) + len(BUDGET_METERS) + 2
     cfg = load_config(tmp_path / "configs" / "finetune_off.yaml")
     assert cfg.model.config["hidden_size"] == 2048 and cfg.train.micro_batch_size == SIZES["1b"].micro_batch
 
@@ -259,7 +284,7 @@ def test_cuda_without_a_gpu_refuses(tmp_path, capsys):
 def test_plan_prints_every_launch(tmp_path, capsys):
     assert bench.main(["--size", "small", "--plan", "--work", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 2 * len(METHODS) + 2
+    assert len(lines) == 2 * len(METHODS) + len(BUDGET_METERS) + 2
     assert sum(line.startswith("torchrun --nproc_per_node 2") for line in lines) == 2
 
 

@@ -8,15 +8,18 @@ from mds_fixtures import COLUMNS
 from trainer.engine.forgetting import PROBE_CHUNKS, HeldOutProbe
 
 
-@pytest.fixture(scope="module")
-def numbered_val(tmp_path_factory):
-    """A val set of 1000 samples whose first two token ids spell the sample's index."""
-    out = tmp_path_factory.mktemp("val")
+def write_numbered(out, n):
+    """A val set of n samples whose first two token ids spell the sample's index."""
     with MDSWriter(out=str(out), columns=COLUMNS, compression=None) as w:
-        for i in range(1000):
+        for i in range(n):
             w.write({"input_ids": np.array([i % 100, i // 100] + [0] * 6, dtype=np.uint32),
                      "domain": "en", "num_bytes": 24})
     return str(out)
+
+
+@pytest.fixture(scope="module")
+def numbered_val(tmp_path_factory):
+    return write_numbered(tmp_path_factory.mktemp("val"), 1000)
 
 
 def probe_indices(path, rank, world_size, chunk):
@@ -44,3 +47,8 @@ def test_two_ranks_split_each_chunk_without_overlap(numbered_val):
     r0, r1 = probe_indices(numbered_val, 0, 2, chunk=8), probe_indices(numbered_val, 1, 2, chunk=8)
     for whole, a, b in zip(one, r0, r1):
         assert sorted(a + b) == sorted(whole) and not set(a) & set(b)
+
+
+def test_a_val_set_smaller_than_the_probe_is_measured_whole(tmp_path):
+    chunks = probe_indices(write_numbered(tmp_path / "val", 7), 0, 1, chunk=8)
+    assert sorted(i for c in chunks for i in c) == list(range(7))

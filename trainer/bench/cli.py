@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Callable
 
 from .. import package_version
-from .plan import SIZES, BenchSize, PlanError, TrainJob, check_device, profile_jobs, throughput_jobs, \
-    zero_jobs
+from .plan import BUDGET_METERS, SIZES, BenchSize, PlanError, TrainJob, budget_jobs, check_device, profile_jobs, \
+    throughput_jobs, zero_jobs
 from .runs import BenchRunError, checkpoint_contents, latest_checkpoint, launch, paired_ratio, \
     read_metrics, run_job, segments, subprocess_env, summarize_segment, window_rates, write_config
 
@@ -54,6 +54,8 @@ class Bench:
         self.repeats, self.peer_deepspeed, self.profile, self.jobs = repeats, peer_deepspeed, profile, jobs
         self.runs: dict[tuple[int, str], dict] = {}
         """(repeat, method) -> its off/on/checkpoint summaries."""
+        self.budget_runs: dict[tuple[int, str], dict] = {}
+        """(repeat, method) -> its run with a forgetting budget (compared with the same repeat's `off`)."""
         self.peer_runs: dict[tuple[int, str], dict] = {}
         """(repeat, "hf" | "hf_deepspeed") -> that peer launch's result."""
         self.env = subprocess_env(device, threads)
@@ -130,6 +132,24 @@ class Bench:
         s_on.pop("checkpoint", None)
         s_on["params"] = s_off["params"]
         self.runs[(repeat, method)] = {"off": s_off, "on": s_on, "checkpoint": ckpt}
+
+    def budget_run(self, repeat: int, job: TrainJob) -> None:
+        """A method's `off` run with a forgetting budget: what measuring forgetting costs per step."""
+        shutil.rmtree(job.run_dir, ignore_errors=True)
+        self.run_train(job)
+        self.budget_runs[(repeat, job.config["method"]["name"])] = summarize_segment(
+            segments(read_metrics(job.run_dir))[0], self.size.warmup, self.size.window)
+
+    def collect_budget(self) -> None:
+        """tokens/s with a budget over the same repeat's tokens/s without, per method."""
+        for method in sorted({m for _, m in self.budget_runs}):
+            with_budget = {r: run["tokens_per_s"] for (r, m), run in self.budget_runs.items() if m == method}
+            without = {r: self.runs[(r, method)]["off"]["tokens_per_s"] for r in with_budget if (r, method) in self.runs}
+            entry = {"measure": BUDGET_METERS[method], "tokens_per_s": statistics.median(with_budget.values())}
+            if without:
+                entry["ratio_vs_off"], entry["ratio_vs_off_per_repeat"] = paired_ratio(with_budget, without)
+                entry["overhead"] = 1 - entry["ratio_vs_off"]
+            self.res.setdefault("budget", {})[method] = entry
 
     def collect_throughput(self) -> None:
         """Medians over repeats per (method, checkpointing); every ratio pairs the runs of one repeat."""
@@ -283,6 +303,8 @@ class Bench:
             repeat = [(f"train {off.config['method']['name']} (repeat {r})",
                        functools.partial(self.method_pair, r, off, on))
                       for off, on in throughput_jobs(self.size, self.data, self.work / f"repeat{r}")]
+            repeat += [(f"train {job.name} (repeat {r})", functools.partial(self.budget_run, r, job))
+                       for job in budget_jobs(self.size, self.data, self.work / f"repeat{r}")]
             repeat.append((f"peer: HF Trainer + PEFT (repeat {r})", functools.partial(self.peer, r, "hf")))
             if self.peer_deepspeed:
                 repeat.append((f"peer: HF Trainer + PEFT + DeepSpeed (repeat {r})",
@@ -309,6 +331,7 @@ class Bench:
             with ThreadPoolExecutor(self.jobs) as pool:
                 list(pool.map(lambda t: self.stage(*t), tasks))
         self.collect_throughput()
+        self.collect_budget()
         self.stage("data path", self.data_path)
         self.stage("loader", self.loader)
         self.stage("peak matmul (end)", lambda: self.peak("end"))
@@ -323,7 +346,8 @@ def plan_commands(size: BenchSize, work: Path) -> list[str]:
 
     data = {d: {"train": str(work / "data" / d / "train"), "val": str(work / "data" / d / "val")}
             for d in ("en", "code")}
-    jobs = [j for pair in throughput_jobs(size, data, work / "repeat0") for j in pair] + zero_jobs(size, data, work)
+    jobs = [j for pair in throughput_jobs(size, data, work / "repeat0") for j in pair]
+    jobs += budget_jobs(size, data, work / "repeat0") + zero_jobs(size, data, work)
     lines = []
     for job in jobs:
         path = write_config(job.config, work / "configs" / f"{job.name.replace('/', '_')}.yaml")

@@ -136,6 +136,24 @@ def throughput_jobs(size: BenchSize, data: dict, root: Path) -> list[tuple[Train
     return pairs
 
 
+BUDGET_METERS = {"neutral_residues": "train", "lora": "train", "finetune": "heldout"}
+"""The forgetting budget's cost is timed for each way of measuring forgetting: the reference forward with
+the adapters off (the l1 lever and the replay lever) and finetune's held-out probe."""
+
+BUDGET_EPS = 0.03
+"""Binding on every size (the methods forget more than this unconstrained), so the multiplier moves."""
+
+
+def budget_jobs(size: BenchSize, data: dict, root: Path) -> list[TrainJob]:
+    """Per metered method: the `off` throughput job with a forgetting budget, timed against that job."""
+    jobs = []
+    for method, meter in BUDGET_METERS.items():
+        cfg = base_config(size, data, root / "runs" / f"budget_{method}", method, size.steps)
+        cfg["method"].update(forgetting_budget=BUDGET_EPS, budget_measure=meter)
+        jobs.append(TrainJob(f"{method}/budget", cfg))
+    return jobs
+
+
 def zero_jobs(size: BenchSize, data: dict, root: Path) -> list[TrainJob]:
     """neutral_residues at 2 ranks under ZeRO-2 and ZeRO-3: per-rank peak memory, save time, size."""
     jobs = []

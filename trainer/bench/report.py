@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-from .plan import METHODS
+from .plan import BUDGET_METERS, METHODS
 
 
 def _get(d: dict, path: str):
@@ -42,6 +42,9 @@ def targets(res: dict) -> list[dict]:
                     lambda x: x >= 0.8))
     rows.append(row("loader samples/s / training consumption", _get(res, "loader.ratio"), ">= 10",
                     lambda x: x >= 10))
+    for method in BUDGET_METERS:
+        rows.append(row(f"forgetting budget overhead, {method} ({BUDGET_METERS[method]} meter)",
+                        _get(res, f"budget.{method}.overhead"), "<= 5%", lambda x: x <= 0.05))
     rows.append(row("FLOP utilisation, neutral_residues (checkpointing off)",
                     _get(res, "train.neutral_residues.off.mfu"), "report", lambda x: True))
     return rows
@@ -118,6 +121,12 @@ def markdown(res: dict) -> str:
     if _get(peer, "hf_deepspeed.skipped"):
         out.append(f"HF Trainer + DeepSpeed: skipped ({peer['hf_deepspeed']['skipped']})")
 
+    brows = [[m, b.get("measure"), _get(res, f"train.{m}.off.tokens_per_s"), b.get("tokens_per_s"),
+              b.get("ratio_vs_off"), _series(b.get("ratio_vs_off_per_repeat"))]
+             for m, b in ((m, _get(res, f"budget.{m}") or {}) for m in BUDGET_METERS)]
+    out += ["", "### Forgetting budget cost (1 rank, checkpointing off; each repeat runs it after the plain run)",
+            _table(["method", "meter", "tokens/s without", "tokens/s with", "with / without", "per repeat"], brows)]
+
     zrows = []
     for stage in ("2", "3"):
         z = _get(res, f"zero.{stage}") or {}
@@ -172,6 +181,8 @@ def missing_figures(res: dict) -> list[str]:
                                                       "achieved_flops_per_s", "mfu", "peak_mem_gb")]
         paths += [f"checkpoint.{m}.{k}" for k in ("bytes", "trainable_state_bytes", "ratio_to_trainable_state",
                                                   "frozen_params_saved", "save_s", "load_s")]
+    for method in BUDGET_METERS:
+        paths += [f"budget.{method}.{k}" for k in ("tokens_per_s", "ratio_vs_off", "overhead")]
     for stage in ("2", "3"):
         if not _get(res, f"zero.{stage}.skipped"):
             paths += [f"zero.{stage}.{k}" for k in ("rss_peak_gb.0", "rss_peak_gb.1", "peak_mem_gb_rank0",

@@ -99,7 +99,8 @@ class HeldOutProbe:
         # Evenly spaced over the whole val set: val sets keep their documents' order, so one end of
         # one can be another kind of text (the quickstart's English val has a stretch at 1/3 of the
         # backbone's bits per byte) and a probe from one end measures another forgetting.
-        probe = sorted({round(i * n / (chunk * PROBE_CHUNKS)) for i in range(chunk * PROBE_CHUNKS)})
+        size = min(n, chunk * PROBE_CHUNKS)
+        probe = [i * n // size for i in range(size)]
         # Interleaved into chunks, so that each chunk, too, spans the whole set.
         probe = [probe[i] for c in range(PROBE_CHUNKS) for i in range(c, len(probe), PROBE_CHUNKS)]
         self.chunks = []
