@@ -53,9 +53,9 @@ P_STEPS = 20.0
 """The proportional term's gain, in steps of the integral: a violation moves lambda at once by what
 P_STEPS dual steps would."""
 
-DEFAULT_DUAL_LR = {"l1": 0.1, "replay": 0.1}
-"""Per-step change of I at a violation of one budget. One value for both levers since the proportional
-term carries the fast response (plain dual ascent needed 0.5 for the l1 weight, and swung with it)."""
+DEFAULT_DUAL_LR = 0.1
+"""Per-step change of I at a violation of one budget, for both levers: the proportional term carries the
+fast response (plain dual ascent needed 0.5 for the l1 weight, and swung with it)."""
 
 
 def lever(method: MethodConfig) -> str:
@@ -95,7 +95,7 @@ class ForgettingBudget:
             return None
         eps, relative = method.budget
         kind = lever(method)
-        return cls(eps, relative, kind, method.dual_lr or DEFAULT_DUAL_LR[kind], ema,
+        return cls(eps, relative, kind, method.dual_lr or DEFAULT_DUAL_LR, ema,
                    dual_lr_given=method.dual_lr is not None)
 
     # ------------------------------------------------------------------ estimate
