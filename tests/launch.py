@@ -93,8 +93,13 @@ def wait_for_step(run_dir: Path, proc, min_step: int, timeout: int = 300) -> Non
     t0 = time.time()
     while time.time() - t0 < timeout:
         path = run_dir / "metrics.jsonl"
-        if path.is_file() and any(m.get("step", 0) >= min_step and "loss" in m for m in metrics(run_dir)):
-            return
+        for line in path.read_text().splitlines() if path.is_file() else []:
+            try:
+                m = json.loads(line)
+            except ValueError:
+                continue  # the line being written
+            if m.get("step", 0) >= min_step and "loss" in m:
+                return
         if proc.poll() is not None:
             raise AssertionError(f"training exited with {proc.returncode} before step {min_step}")
         time.sleep(0.1)
