@@ -61,9 +61,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def detect_world() -> World:
-    env = _launcher_env()
+def _world(env: dict[str, str]) -> World:
     return World(*(int(env[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")))
+
+
+def detect_world() -> World:
+    return _world(_launcher_env())
 
 
 def init_distributed() -> World:
@@ -77,7 +80,7 @@ def init_distributed() -> World:
         # A lone process needs a 1-rank group too; a fixed port would clash with other jobs on the node.
         env["MASTER_PORT"] = str(free_port()) if env["WORLD_SIZE"] == "1" else "29500"
     os.environ.update(env)
-    world = detect_world()
+    world = _world(env)
     if not torch.cuda.is_available():
         # DeepSpeed would otherwise probe for accelerators and may pick a wrong one.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
