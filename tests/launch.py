@@ -130,10 +130,11 @@ class Ranks:
     def __init__(self, config: Path, nproc: int, log: Path, overrides=()):
         port = str(free_port())
         self.procs = []
+        self.log_paths = [log.with_name(f"{log.name}.rank{rank}") for rank in range(nproc)]
         for rank in range(nproc):
             e = dict(env(), RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank),
                      LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-            out = open(log.with_name(f"{log.name}.rank{rank}"), "w")
+            out = open(self.log_paths[rank], "w")
             self.procs.append(subprocess.Popen(
                 [sys.executable, "-m", "trainer", "train", str(config), *overrides], cwd=ROOT, env=e,
                 stdout=out, stderr=subprocess.STDOUT))
@@ -166,3 +167,7 @@ class Ranks:
 
     def wait(self, timeout: int = 300) -> list[int]:
         return [p.wait(timeout=timeout) for p in self.procs]
+
+    def logs(self, tail: int = 3000) -> str:
+        """The end of every rank's log, for an assertion message."""
+        return "\n".join(f"--- rank {r}:\n" + path.read_text()[-tail:] for r, path in enumerate(self.log_paths))

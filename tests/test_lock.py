@@ -175,7 +175,7 @@ def test_every_rank_of_a_refused_job_exits_2_with_the_same_error(tmp_path, data,
     # Held by this (live) test process.
     held_by(tmp_path / "run", pid=os.getpid(), started=lock._proc_stat(os.getpid())[1], job="31337")
     ranks = Ranks(write_config(cfg, tmp_path / "run.yaml"), 2, tmp_path / "ranks.log")
-    assert ranks.wait(timeout=300) == [2, 2]
+    assert ranks.wait(timeout=300) == [2, 2], ranks.logs()
     lines = [(tmp_path / f"ranks.log.rank{r}").read_text().strip().splitlines()[-1] for r in range(2)]
     assert lines[0] == lines[1], lines
     assert f"pid {os.getpid()}, SLURM job 31337" in lines[0] and lines[0].startswith("error: "), lines

@@ -122,7 +122,7 @@ def test_sigterm_checkpoints_exits_75_and_resumes_on_another_world_size(tmp_path
     ranks = Ranks(path, before, tmp_path / "stopped.log")
     wait_for_step(tmp_path / "stopped", ranks, min_step=2)
     ranks.interrupt(signal.SIGTERM)
-    assert ranks.wait() == [75] * before
+    assert ranks.wait() == [75] * before, ranks.logs()
     stopped_at = int((tmp_path / "stopped" / "checkpoints" / "latest").read_text().split("_")[1])
     assert stopped_at < 12
     resumed = run(train_cmd(path, nproc=after))

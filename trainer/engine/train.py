@@ -395,6 +395,9 @@ def main(argv=None) -> int:
         result = train(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
+        # Ranks refused together (the run lock, a damaged checkpoint...) must still tear the group
+        # down in order: left to interpreter exit, a rank whose peer is already gone can abort (SIGABRT).
+        dist.shutdown()
         return 2
     dist.shutdown()
     return EXIT_REQUEUE if result.get("stopped") else 0
