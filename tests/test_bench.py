@@ -265,14 +265,26 @@ def test_profile_groups_ops_by_what_they_are():
 # ----------------------------------------------------------------------------- CLI
 
 
-def test_1b_on_cpu_builds_its_configs_then_refuses_in_one_line(tmp_path, capsys):
-    assert bench.main(["--size", "1b", "--device", "cpu", "--work", str(tmp_path)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: --size 1b needs --device cuda") and "\n" not in err
-    configs = sorted(p.name for p in (tmp_path / "configs").iterdir())
-    assert len(configs) == 2 * len(METHODS) + len(BUDGET_METERS) + 2
-    cfg = load_config(tmp_path / "configs" / "finetune_off.yaml")
-    assert cfg.model.config["hidden_size"] == 2048 and cfg.train.micro_batch_size == SIZES["1b"].micro_batch
+def test_1b_on_cpu_times_the_two_ends_of_the_ratio_on_a_backbone_loaded_from_disk(tmp_path, capsys):
+    """At 1.1B on CPU only what the size is for: neutral_residues vs finetune, ZeRO-2 vs ZeRO-3, with SGD
+    (finetune's Adam states do not fit), on a backbone that `model.path` loads."""
+    import json
+
+    assert bench.main(["--size", "1b", "--device", "cpu", "--plan", "--work", str(tmp_path)]) == 0
+    launches = capsys.readouterr().out.strip().splitlines()
+    names = [Path(line.split()[-1]).stem for line in launches]
+    assert names == ["neutral_residues_off", "neutral_residues_on", "finetune_off", "finetune_on", "zero2", "zero3"]
+    for name in names:
+        cfg = load_config(tmp_path / "configs" / f"{name}.yaml")
+        assert cfg.model.path == str(tmp_path / "backbone") and not cfg.model.config
+        ds = json.loads(Path(cfg.deepspeed.config).read_text())
+        assert ds["optimizer"] == {"type": "SGD", "params": {"lr": "auto"}}
+        assert ds["zero_optimization"]["stage"] == (2 if name == "zero2" else 3)
+    # On a GPU the same size runs the whole matrix with the shipped (Adam) JSONs.
+    gpu = SIZES["1b"].for_device("cuda")
+    assert gpu.full_matrix and gpu.optimizer is None and gpu.methods is None and gpu.seq_len == 2048
+    cpu = SIZES["1b"].for_device("cpu")
+    assert cpu.global_batch % 2 == 0  # the 2-rank ZeRO runs split it
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

@@ -89,3 +89,18 @@ def test_user_json_missing_or_broken(tmp_path):
     cfg = load_config(data=BASE, overrides=[f"deepspeed.config={bad}"])
     with pytest.raises(ConfigError, match=rf"{bad}:2: invalid JSON"):
         build_ds_config(cfg, 1, False)
+
+
+def test_an_optimizer_without_betas_gets_none(tmp_path):
+    """SGD's constructor has no `betas`: filling them in would fail inside deepspeed.initialize."""
+    user = tmp_path / "sgd.json"
+    user.write_text(json.dumps({"optimizer": {"type": "SGD", "params": {"lr": "auto"}},
+                                "zero_optimization": {"stage": 3}}))
+    cfg = load_config(data=BASE, overrides=[f"deepspeed.config={user}", "train.lr=0.01"])
+    params = build_ds_config(cfg, 1, False)["optimizer"]["params"]
+    assert params == {"lr": 0.01, "weight_decay": cfg.train.weight_decay}
+    import torch.optim
+
+    torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], **params)  # what DeepSpeed will call
+    adam = build_ds_config(load_config(data=BASE), 1, False)["optimizer"]["params"]
+    assert adam["betas"] == list(cfg.train.betas) and adam["torch_adam"] is True

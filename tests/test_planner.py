@@ -205,7 +205,7 @@ def test_terms_follow_the_ds_config_values():
     cfg = tiny_cfg(3)
     facts = model_facts(cfg)
     base = {"stage": 3, "reduce_bucket_size": 1000, "stage3_prefetch_bucket_size": 500,
-            "stage3_param_persistence_threshold": 0}
+            "stage3_param_persistence_threshold": 0, "stage3_max_reuse_distance": 0}
     small = memory_terms(facts, Knobs.from_ds({"zero_optimization": base}), ActivationFit(0, 0, 0, 0), 1, 2, 2,
                          0.0, on_cpu=False)
     big = memory_terms(facts, Knobs.from_ds({"zero_optimization": {
@@ -214,3 +214,14 @@ def test_terms_follow_the_ds_config_values():
     assert big.buckets - small.buckets == 2 * 2000 * 2
     assert big.zero3_live_params - small.zero3_live_params == 1000 * 2
     assert big.frozen_weights > small.frozen_weights  # the norms (32 elements) now stay whole
+    # What is reused within stage3_max_reuse_distance elements stays gathered: about half of it at the
+    # turn from forward to backward, never more than the model, never more than max_live.
+    reuse = memory_terms(facts, Knobs.from_ds({"zero_optimization": {**base, "stage3_max_reuse_distance": 400}}),
+                         ActivationFit(0, 0, 0, 0), 1, 2, 2, 0.0, on_cpu=False)
+    assert reuse.zero3_live_params - small.zero3_live_params == 200 * 2
+    default = memory_terms(facts, Knobs.from_ds({"zero_optimization": {"stage": 3}}), ActivationFit(0, 0, 0, 0),
+                           1, 2, 2, 0.0, on_cpu=False)
+    assert default.zero3_live_params == facts.total * 2  # 1e9 by default: a tiny model stays whole
+    capped = memory_terms(facts, Knobs.from_ds({"zero_optimization": {"stage": 3, "stage3_max_live_parameters": 300}}),
+                          ActivationFit(0, 0, 0, 0), 1, 2, 2, 0.0, on_cpu=False)
+    assert capped.zero3_live_params == 300 * 2

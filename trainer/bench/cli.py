@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Callable
 
 from .. import package_version
-from .plan import BUDGET_METERS, SIZES, BenchSize, PlanError, TrainJob, budget_jobs, check_device, profile_jobs, \
+from .plan import BUDGET_METERS, METHODS, SIZES, BenchSize, PlanError, TrainJob, budget_jobs, check_device, profile_jobs, \
     throughput_jobs, zero_jobs
 from .runs import BenchRunError, checkpoint_contents, latest_checkpoint, launch, paired_ratio, \
-    read_metrics, run_job, segments, subprocess_env, summarize_segment, window_rates, write_config
+    read_metrics, run_job, segments, subprocess_env, summarize_segment, train_command, window_rates, write_config
 
 
 def log(msg: str) -> None:
@@ -81,7 +81,9 @@ class Bench:
                 "commit": commit.stdout.strip() or None, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "load_avg_start": round(os.getloadavg()[0], 2), "model": s.model, "seq_len": s.seq_len,
                 "micro_batch": s.micro_batch, "global_batch": s.global_batch, "warmup_steps": s.warmup,
-                "timed_steps": s.timed, "window": s.window, "repeats": self.repeats, "jobs": self.jobs}
+                "timed_steps": s.timed, "window": s.window, "repeats": self.repeats, "jobs": self.jobs,
+                "methods": list(s.methods or METHODS), "full_matrix": s.full_matrix, "optimizer": s.optimizer,
+                "backbone": "model.path (built under ZeRO-3, sharded)" if s.backbone_on_disk else "model.config"}
 
     def stage(self, name: str, fn: Callable[[], None]) -> None:
         """Run one measurement; a failure is recorded and the others still run."""
@@ -112,9 +114,28 @@ class Bench:
         pm["flops_per_s"] = max(pm.get("flops_per_s", 0.0), r["flops_per_s"])
 
     def write_data(self) -> None:
+        """MDS shards; for a size that loads its backbone from disk, that backbone (built on 2 ranks under
+        ZeRO-3, as no process could hold it whole at 70B); the JSONs with the size's optimizer."""
         from .data import training_data
+        from .plan import ds_jsons
 
-        self.data = training_data(self.work / "data", self.size)
+        data = training_data(self.work / "data", self.size)
+        if self.size.optimizer:
+            data["ds"] = ds_jsons(self.size, self.work / "ds")
+        if self.size.backbone_on_disk:
+            data["model"] = {"path": str(self.build_backbone())}
+        self.data = data
+
+    def build_backbone(self) -> Path:
+        out = self.work / "backbone"
+        spec = self.work / "backbone.json"
+        spec.write_text(json.dumps(self.size.model, indent=2))
+        cmd = train_command(spec, 2, overrides=[str(out)], module="trainer.bench.backbone")
+        log(f"  backbone: {self.size.name}, built on 2 ranks under ZeRO-3 -> {out}")
+        run = launch(cmd, subprocess_env(self.device, max(1, self.threads // 2)), self.work / "logs" / "backbone.log",
+                     self.size.timeout_s)
+        self.res["backbone"] = {"build_s": run["seconds"], "bytes": sum(f.stat().st_size for f in out.iterdir())}
+        return out
 
     def method_pair(self, repeat: int, off: TrainJob, on: TrainJob) -> None:
         """One method: checkpointing off (fresh), then on (resuming it: load time + second figure)."""
@@ -303,10 +324,11 @@ class Bench:
             repeat = [(f"train {off.config['method']['name']} (repeat {r})",
                        functools.partial(self.method_pair, r, off, on))
                       for off, on in throughput_jobs(self.size, self.data, self.work / f"repeat{r}")]
-            repeat += [(f"train {job.name} (repeat {r})", functools.partial(self.budget_run, r, job))
-                       for job in budget_jobs(self.size, self.data, self.work / f"repeat{r}")]
-            repeat.append((f"peer: HF Trainer + PEFT (repeat {r})", functools.partial(self.peer, r, "hf")))
-            if self.peer_deepspeed:
+            if self.size.full_matrix:
+                repeat += [(f"train {job.name} (repeat {r})", functools.partial(self.budget_run, r, job))
+                           for job in budget_jobs(self.size, self.data, self.work / f"repeat{r}")]
+                repeat.append((f"peer: HF Trainer + PEFT (repeat {r})", functools.partial(self.peer, r, "hf")))
+            if self.peer_deepspeed and self.size.full_matrix:
                 repeat.append((f"peer: HF Trainer + PEFT + DeepSpeed (repeat {r})",
                                functools.partial(self.peer, r, "hf_deepspeed")))
             tasks += repeat[::-1] if r % 2 else repeat
@@ -332,8 +354,9 @@ class Bench:
                 list(pool.map(lambda t: self.stage(*t), tasks))
         self.collect_throughput()
         self.collect_budget()
-        self.stage("data path", self.data_path)
-        self.stage("loader", self.loader)
+        if self.size.full_matrix:
+            self.stage("data path", self.data_path)
+            self.stage("loader", self.loader)
         self.stage("peak matmul (end)", lambda: self.peak("end"))
         self.derive()
         return self.res
@@ -346,8 +369,14 @@ def plan_commands(size: BenchSize, work: Path) -> list[str]:
 
     data = {d: {"train": str(work / "data" / d / "train"), "val": str(work / "data" / d / "val")}
             for d in ("en", "code")}
+    if size.backbone_on_disk:
+        data["model"] = {"path": str(work / "backbone")}
+    if size.optimizer:
+        from .plan import ds_jsons
+
+        data["ds"] = ds_jsons(size, work / "ds")
     jobs = [j for pair in throughput_jobs(size, data, work / "repeat0") for j in pair]
-    jobs += budget_jobs(size, data, work / "repeat0") + zero_jobs(size, data, work)
+    jobs += (budget_jobs(size, data, work / "repeat0") if size.full_matrix else []) + zero_jobs(size, data, work)
     lines = []
     for job in jobs:
         path = write_config(job.config, work / "configs" / f"{job.name.replace('/', '_')}.yaml")
@@ -378,7 +407,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu")
     ap.add_argument("--size", choices=tuple(SIZES), default="small",
                     help="tiny: CI smoke (figures only); small: a CPU measurement (~8 min per repeat on 2 idle cores, "
-                         "~25 on a loaded machine); 1b: GPU only")
+                         "~25 on a loaded machine); 1b: 1.1B parameters, loaded from disk (on CPU: "
+                         "neutral_residues vs finetune only, ~1 h, ~20 GB of RAM)")
     ap.add_argument("--out", type=Path, default=None, help="JSON result file (default: runs/bench/SIZE-DEVICE.json)")
     ap.add_argument("--threads", type=int, default=None,
                     help="intra-op threads per training process (default: torch's, i.e. the physical cores); "
@@ -401,7 +431,7 @@ def main(argv=None) -> int:
     if min(args.repeats, args.jobs, args.threads or 1) < 1:
         print("error: --repeats, --jobs and --threads must be >= 1", file=sys.stderr)
         return 2
-    size = SIZES[args.size]
+    size = SIZES[args.size].for_device(args.device)
     work = args.work or Path(tempfile.mkdtemp(prefix=f"trainer-bench-{size.name}-"))
     commands = plan_commands(size, work)
     if args.plan:

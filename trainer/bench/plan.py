@@ -16,6 +16,8 @@ throughput figure.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -48,8 +50,24 @@ class BenchSize:
     tokenizer_vocab: int
     peer_deepspeed: bool = True
     """Also time HF Trainer + PEFT + DeepSpeed (one more launch; off in the CI smoke size)."""
-    gpu_only: bool = False
     timeout_s: int = 3600
+    methods: tuple = None
+    """Methods of the throughput matrix (None: all of METHODS)."""
+    full_matrix: bool = True
+    """Also the forgetting-budget runs, the HF peers, the data path and the loader; off where they would
+    take hours and say nothing about the point of the size."""
+    backbone_on_disk: bool = False
+    """Build the backbone partitioned under ZeRO-3 on 2 ranks, save it as shards (bench/backbone.py) and
+    load it through model.path, as a user's: the path a billion-parameter run takes."""
+    ds_config: str = "ds_configs/zero2.json"
+    """JSON of the 1-rank throughput runs."""
+    optimizer: Optional[dict] = None
+    """Replaces the JSON's optimizer in every run (e.g. SGD where Adam's states would not fit)."""
+    cpu: Optional[dict] = None
+    """Fields replaced on --device cpu (see `for_device`)."""
+
+    def for_device(self, device: str) -> "BenchSize":
+        return dataclasses.replace(self, cpu=None, **self.cpu) if device == "cpu" and self.cpu else self
 
     @property
     def steps(self) -> int:
@@ -72,10 +90,16 @@ SIZES = {
     "small": BenchSize("small", _llama(256, 688, 4, 4, 4, 4096, 256), seq_len=256, micro_batch=4, global_batch=8,
                        warmup=5, timed=15, window=3, zero_timed=3, matmul_n=2048, corpus_files=200,
                        tokenizer_vocab=4096),
-    # Llama-3.2-1B's shape; only meaningful on GPUs.
-    "1b": BenchSize("1b", _llama(2048, 8192, 16, 32, 8, 128256, 2048, tie_word_embeddings=True), seq_len=2048,
+    # 1.1B parameters: 940M frozen + 188M of neutral residues. On CPU (2 x ~12 GB), finetune's Adam states
+    # (18 GB at 1 rank, 14 GB per rank at 2) do not fit: every run there uses SGD, so the ratio compares
+    # forward + backward + update without moments, and says so in the result's meta.
+    "1b": BenchSize("1b", _llama(2048, 5504, 16, 32, 32, 32000, 2048), seq_len=2048,
                     micro_batch=4, global_batch=16, warmup=3, timed=20, window=5, zero_timed=5, matmul_n=8192,
-                    corpus_files=None, tokenizer_vocab=32000, gpu_only=True, timeout_s=4 * 3600),
+                    corpus_files=None, tokenizer_vocab=32000, timeout_s=4 * 3600, backbone_on_disk=True,
+                    cpu=dict(seq_len=512, micro_batch=1, global_batch=2, warmup=1, timed=2, window=1, zero_timed=1,
+                             matmul_n=2048, methods=("neutral_residues", "finetune"), full_matrix=False,
+                             ds_config="ds_configs/zero3.json", optimizer={"type": "SGD", "params": {"lr": "auto"}},
+                             timeout_s=3 * 3600)),
 }
 
 
@@ -86,9 +110,6 @@ class PlanError(ValueError):
 def check_device(size: BenchSize, device: str, cuda_available: bool, cuda_count: int) -> None:
     if device == "cuda" and not cuda_available:
         raise PlanError("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False)")
-    if size.gpu_only and device != "cuda":
-        raise PlanError(f"--size {size.name} needs --device cuda: a {size.name} backbone trains at a few tokens/s "
-                        f"on CPU, so its ratios would take hours and mean nothing (use --size small on CPU)")
     del cuda_count  # the 2-rank ZeRO runs check it themselves and are skipped with a reason
 
 
@@ -106,17 +127,18 @@ class TrainJob:
 
 
 def base_config(size: BenchSize, data: dict, run_dir: Path, method: str, max_steps: int) -> dict:
-    """RunConfig dict shared by every job of a size; `data` maps domain -> {train, val} MDS dirs."""
+    """RunConfig dict shared by every job of a size; `data` maps domain -> {train, val} MDS dirs, and
+    "model" to the saved backbone and "ds" to the JSONs ("throughput", "2", "3") when the bench wrote them."""
     return {
         "run_dir": str(run_dir),
-        "model": {"config": copy.deepcopy(size.model)},
+        "model": copy.deepcopy(data.get("model") or {"config": size.model}),
         "method": {"name": method},
         "data": {"p": 0.1, "streams": [
             {"domain": "en", "role": "original", **data["en"]},
             {"domain": "code", "role": "new", **data["code"]}]},
         "train": {"max_steps": max_steps, "global_batch_size": size.global_batch,
                   "micro_batch_size": size.micro_batch, "activation_checkpointing": False},
-        "deepspeed": {"config": "ds_configs/zero2.json"},
+        "deepspeed": {"config": data.get("ds", {}).get("throughput", size.ds_config)},
         # every=0: no periodic save, only the final one (whose time and size are measured).
         "checkpoint": {"every": 0, "keep_last": 1},
         "log": {"every": 1, "progress": False, "tensorboard": False},
@@ -124,10 +146,25 @@ def base_config(size: BenchSize, data: dict, run_dir: Path, method: str, max_ste
     }
 
 
+def ds_jsons(size: BenchSize, out: Path) -> dict:
+    """The size's JSONs with its optimizer in place of the shipped one: {"throughput", "2", "3"} -> path."""
+    from ..engine.ds_config import load_ds_json
+
+    paths = {}
+    for key, src in (("throughput", size.ds_config), ("2", "ds_configs/zero2.json"), ("3", "ds_configs/zero3.json")):
+        ds = load_ds_json(src)
+        ds["optimizer"] = copy.deepcopy(size.optimizer)
+        path = out / f"{key}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(ds, indent=2) + "\n")
+        paths[key] = str(path)
+    return paths
+
+
 def throughput_jobs(size: BenchSize, data: dict, root: Path) -> list[tuple[TrainJob, TrainJob]]:
     """Per method: (checkpointing off, checkpointing on resuming the former's run dir)."""
     pairs = []
-    for method in METHODS:
+    for method in size.methods or METHODS:
         run_dir = root / "runs" / method
         off = TrainJob(f"{method}/off", base_config(size, data, run_dir, method, size.steps))
         on_cfg = base_config(size, data, run_dir, method, 2 * size.steps)
@@ -160,7 +197,7 @@ def zero_jobs(size: BenchSize, data: dict, root: Path) -> list[TrainJob]:
     for stage in (2, 3):
         cfg = base_config(size, data, root / "runs" / f"zero{stage}", "neutral_residues",
                           size.warmup + size.zero_timed)
-        cfg["deepspeed"]["config"] = f"ds_configs/zero{stage}.json"
+        cfg["deepspeed"]["config"] = data.get("ds", {}).get(str(stage), f"ds_configs/zero{stage}.json")
         jobs.append(TrainJob(f"zero{stage}", cfg, nproc=2))
     return jobs
 

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from ..bench.plan import SIZES as BENCH_SIZES
 from ..config import RunConfig, load_config
 from .memory import GIB, Choice
 
@@ -32,13 +33,14 @@ def llama(hidden: int, ffn: int, layers: int, heads: int, kv_heads: int, vocab: 
             "max_position_embeddings": seq}
 
 
-# Validation shapes: (HF config, sequence length, micro batch). 1b is TinyLlama-1.1B's shape
-# (~22 GB of RAM for 2 ranks under ZeRO-2: run it on a quiet machine).
+# Validation shapes: (HF config, sequence length, micro batch). 1b is the bench's 1.1B shape (940M frozen +
+# 188M neutral residues; ~9 GB per rank under ZeRO-2, about all this 23 GB machine holds for 2 ranks: run
+# it on a quiet machine).
 SIZES = {
     "calib": (llama(16, 32, 1, 2, 2, 64, 16), 16, 1),
     "10m": (llama(256, 688, 4, 4, 4, 16000, 256), 256, 4),
     "100m": (llama(768, 2048, 8, 12, 12, 32000, 512), 512, 2),
-    "1b": (llama(2048, 5632, 22, 32, 4, 32000, 1024), 1024, 1),
+    "1b": (BENCH_SIZES["1b"].model, 512, 1),
 }
 
 

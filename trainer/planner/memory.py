@@ -15,7 +15,9 @@ the JSON is silent, read from its config class). The DeepSpeed allocations behin
 - Buckets: `reduce_bucket_size` elements, twice with `overlap_comm` (ZeRO-1/2 double buffers).
   On CPU an untouched page costs nothing, so a bucket counts only as far as gradients fill it.
 - ZeRO-3 gathers each module's params for its forward and backward and prefetches up to
-  `stage3_prefetch_bucket_size` elements ahead, never more than `stage3_max_live_parameters`;
+  `stage3_prefetch_bucket_size` elements ahead; it keeps gathered what is reused within
+  `stage3_max_reuse_distance` elements (partitioned_param_coordinator.__params_to_release),
+  never more than `stage3_max_live_parameters` in all;
   params of at most `stage3_param_persistence_threshold` elements stay whole on every rank.
 
 The peak is the persistent states plus the larger of the backward (activations, buckets, live
@@ -59,6 +61,7 @@ class Knobs:
     contiguous_gradients: bool
     prefetch_bucket_size: int
     max_live_parameters: int
+    max_reuse_distance: int
     param_persistence_threshold: int
     offload_optimizer: bool
     offload_param: bool
@@ -71,7 +74,7 @@ class Knobs:
         dev = lambda o: o is not None and str(getattr(o, "device", "none")).split(".")[-1].lower() not in ("none",)
         return cls(int(z.stage), int(z.reduce_bucket_size), int(z.allgather_bucket_size), bool(z.overlap_comm),
                    bool(z.contiguous_gradients), int(z.prefetch_bucket_size), int(z.max_live_parameters),
-                   int(z.param_persistence_threshold), dev(z.offload_optimizer), dev(z.offload_param))
+                   int(z.max_reuse_distance), int(z.param_persistence_threshold), dev(z.offload_optimizer), dev(z.offload_param))
 
 
 @dataclass
@@ -151,9 +154,15 @@ def memory_terms(facts: ModelFacts, knobs: Knobs, act: ActivationFit, micro_batc
         t.optimizer_states = opt
         t.gradients = grads
         t.step_scratch = part * 4 * scratch
-    live = min(knobs.max_live_parameters, facts.largest_module + knobs.prefetch_bucket_size)
+    # From the second step on (once the module trace is complete), a module's gathered params are kept if
+    # they are used again within `stage3_max_reuse_distance` elements of upcoming modules. Each layer's
+    # forward is followed by the later layers' forward and backward, then its own backward: when the backward
+    # starts, every layer whose distance (twice the params after it) is within the limit is still gathered,
+    # about `max_reuse_distance / 2` elements (1e9 by default: 2 GB of fp32 at any model size above that).
+    kept = min(facts.total, knobs.max_reuse_distance // 2)
+    live = min(knobs.max_live_parameters, kept + facts.largest_module + knobs.prefetch_bucket_size)
     t.zero3_live_params = min(live, facts.total) * b
     t.buckets = _touched(knobs.reduce_bucket_size, Nt, on_cpu) * b * 2  # ipg bucket + reduce-scatter copy
-    t.notes.append(f"live <= min(max_live {knobs.max_live_parameters:.0e}, largest module "
-                   f"{facts.largest_module:.2e} + prefetch {knobs.prefetch_bucket_size:.0e})")
+    t.notes.append(f"live <= min(max_live {knobs.max_live_parameters:.0e}, reuse distance {knobs.max_reuse_distance:.0e} "
+                   f"/ 2 + largest module {facts.largest_module:.2e} + prefetch {knobs.prefetch_bucket_size:.0e})")
     return t
