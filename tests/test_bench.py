@@ -318,3 +318,25 @@ def test_tiny_bench_produces_every_figure(tmp_path):
     assert "### Targets" in p.stdout and "### Data path" in p.stdout
     assert all(math.isfinite(res["train"][m][ck]["mfu"]) for m in METHODS for ck in ("off", "on"))
     print(f"tiny bench: {time.time() - t0:.0f}s")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_size_loaded_from_disk_trains_from_the_saved_backbone_with_its_optimizer(tmp_path):
+    """The 1b size's path at the tiny shape: backbone built on 2 ranks and saved, JSONs with SGD, and a
+    throughput job that loads it through model.path and trains (the 1b run itself is too big for CI)."""
+    import dataclasses
+
+    from trainer.bench.runs import read_metrics
+
+    size = dataclasses.replace(SIZES["1b"].for_device("cpu"), model=TINY.model, seq_len=TINY.seq_len, timed=2)
+    b = bench.Bench(size, "cpu", tmp_path, threads=2)
+    b.write_data()
+    assert b.data["model"] == {"path": str(tmp_path / "backbone")} and b.res["backbone"]["bytes"] > 0
+    assert json.loads(Path(b.data["ds"]["3"]).read_text())["optimizer"]["type"] == "SGD"
+    (off, _), = [pair for pair in throughput_jobs(size, b.data, tmp_path / "r") if pair[0].name == "finetune/off"]
+    b.run_train(off)
+    steps = [m for m in read_metrics(off.run_dir) if "loss" in m]
+    assert len(steps) == size.steps and all(math.isfinite(m["loss"]) for m in steps)
+    start = next(m for m in read_metrics(off.run_dir) if "params" in m)
+    assert start["params"]["trainable"] == start["params"]["backbone"]  # finetune: every weight, from the files
