@@ -83,6 +83,7 @@ class Bench:
                 "micro_batch": s.micro_batch, "global_batch": s.global_batch, "warmup_steps": s.warmup,
                 "timed_steps": s.timed, "window": s.window, "repeats": self.repeats, "jobs": self.jobs,
                 "methods": list(s.methods or METHODS), "full_matrix": s.full_matrix, "optimizer": s.optimizer,
+                "ds_config": s.ds_config,
                 "backbone": "model.path (built under ZeRO-3, sharded)" if s.backbone_on_disk else "model.config"}
 
     def stage(self, name: str, fn: Callable[[], None]) -> None:
@@ -130,9 +131,10 @@ class Bench:
         out = self.work / "backbone"
         spec = self.work / "backbone.json"
         spec.write_text(json.dumps(self.size.model, indent=2))
-        cmd = train_command(spec, 2, overrides=[str(out)], module="trainer.bench.backbone")
-        log(f"  backbone: {self.size.name}, built on 2 ranks under ZeRO-3 -> {out}")
-        run = launch(cmd, subprocess_env(self.device, max(1, self.threads // 2)), self.work / "logs" / "backbone.log",
+        ranks = 2 if self.device == "cpu" else max(1, min(2, self.res["meta"]["cuda_devices"]))
+        cmd = train_command(spec, ranks, overrides=[str(out)], module="trainer.bench.backbone")
+        log(f"  backbone: {self.size.name}, built on {ranks} rank(s) under ZeRO-3 -> {out}")
+        run = launch(cmd, subprocess_env(self.device, max(1, self.threads // ranks)), self.work / "logs" / "backbone.log",
                      self.size.timeout_s)
         self.res["backbone"] = {"build_s": run["seconds"], "bytes": sum(f.stat().st_size for f in out.iterdir())}
         return out
@@ -144,7 +146,8 @@ class Bench:
         load_off = self.run_train(off)["load_avg_end"]
         s_off = summarize_segment(segments(read_metrics(off.run_dir))[0], self.size.warmup, self.size.window)
         s_off["load_avg_end"] = load_off
-        ckpt = {**checkpoint_contents(latest_checkpoint(off.run_dir), s_off["params"]["trainable"]),
+        moments = 2 if self.size.optimizer is None else 0  # the sizes' own optimizer is plain SGD
+        ckpt = {**checkpoint_contents(latest_checkpoint(off.run_dir), s_off["params"]["trainable"], moments),
                 "save_s": s_off.pop("checkpoint")["save_s"]}  # read now: the `on` run's save prunes it
         load_on = self.run_train(on)["load_avg_end"]
         s_on = summarize_segment(segments(read_metrics(on.run_dir))[-1], self.size.warmup, self.size.window)

@@ -6,6 +6,7 @@ stand, and a missed target is a finding to explain (see the issue note).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Optional
 
 from .plan import BUDGET_METERS, METHODS
@@ -104,7 +105,7 @@ def markdown(res: dict) -> str:
 
     peak = _get(res, "peak_matmul.flops_per_s")
     rows = []
-    for m in METHODS:
+    for m in _methods(res):
         for ck in ("off", "on"):
             r = _get(res, f"train.{m}.{ck}") or {}
             rows.append([m, ck, r.get("tokens_per_s"), r.get("ratio_vs_finetune"),
@@ -120,6 +121,16 @@ def markdown(res: dict) -> str:
                         "best / finetune",
                         "FLOPs ratio", "FLOPs/token", "FLOP util.", "peak mem GB", "load avg"], rows)]
 
+    if meta.get("optimizer"):
+        out.append(f"Every run uses {meta['optimizer']['type']}, not the shipped AdamW (see the size's definition).")
+    if _full(res):
+        _peers_budget_data(res, out)
+    _memory_checkpoints(res, out)
+    _profiles(res, out)
+    return "\n".join(out)
+
+
+def _peers_budget_data(res: dict, out: list) -> None:
     peer = res.get("peer") or {}
     prow = [["ours (trainer lora)", _get(res, "train.lora.off.tokens_per_s"), 1.0, ""],
             ["HF Trainer + PEFT", _get(peer, "hf.tokens_per_s"), peer.get("ratio"),
@@ -137,6 +148,18 @@ def markdown(res: dict) -> str:
              for m, b in ((m, _get(res, f"budget.{m}") or {}) for m in BUDGET_METERS)]
     out += ["", "### Forgetting budget cost (1 rank, checkpointing off; each repeat runs it after the plain run)",
             _table(["method", "meter", "tokens/s without", "tokens/s with", "with / without", "per repeat"], brows)]
+    d, lo = res.get("data") or {}, res.get("loader") or {}
+    out += ["", "### Data path",
+            _table(["measure", "rate", "baseline", "ratio"], [
+                ["data_prep build, 1 worker (tokens/s)", _get(d, "data_prep.tokens_per_s"),
+                 _get(d, "raw_tokenizer.tokens_per_s"), d.get("ratio")],
+                ["StreamingDataLoader (samples/s)", lo.get("samples_per_s"), lo.get("train_samples_per_s"),
+                 lo.get("ratio")]]),
+            f"rates: the best of each; data_prep ratio: median of side-by-side pairs "
+            f"({_series(d.get('ratio_per_repeat'))})"]
+
+
+def _memory_checkpoints(res: dict, out: list) -> None:
 
     zrows = []
     for stage in ("2", "3"):
@@ -151,24 +174,18 @@ def markdown(res: dict) -> str:
             _table(["stage", "peak RSS per rank GB", "rank 0 logged GB", "tokens/s", "save s", "checkpoint GB"], zrows)]
 
     crows = []
-    for m in METHODS:
+    for m in _methods(res):
         c = _get(res, f"checkpoint.{m}") or {}
         crows.append([m, c.get("bytes"), c.get("trainable_state_bytes"), c.get("ratio_to_trainable_state"),
                       c.get("frozen_params_saved"), c.get("save_s"), c.get("load_s")])
-    out += ["", "### Checkpoints (1 rank, ZeRO-2)",
+    json_name = Path(res["meta"].get("ds_config", "ds_configs/zero2.json")).stem
+    out += ["", f"### Checkpoints (1 rank, {json_name})",
             _table(["method", "bytes", "trainable state bytes", "ratio", "frozen params saved", "save s", "load s"],
                    crows)]
 
-    d, lo = res.get("data") or {}, res.get("loader") or {}
-    out += ["", "### Data path",
-            _table(["measure", "rate", "baseline", "ratio"], [
-                ["data_prep build, 1 worker (tokens/s)", _get(d, "data_prep.tokens_per_s"),
-                 _get(d, "raw_tokenizer.tokens_per_s"), d.get("ratio")],
-                ["StreamingDataLoader (samples/s)", lo.get("samples_per_s"), lo.get("train_samples_per_s"),
-                 lo.get("ratio")]]),
-            f"rates: the best of each; data_prep ratio: median of side-by-side pairs "
-            f"({_series(d.get('ratio_per_repeat'))})"]
 
+
+def _profiles(res: dict, out: list) -> None:
     prof = res.get("profile") or {}
     for name, p in prof.items():
         if not isinstance(p, dict) or "categories" not in p:
@@ -179,7 +196,6 @@ def markdown(res: dict) -> str:
         out += ["", f"### Profile: {name} ({p['active']} steps, {p['wall_ms'] / p['active']:.0f} ms/step): {cats}",
                 _table(["op", "calls", "self ms", "share of wall"],
                        [[o["op"], o["calls"], o["self_ms"], o["share_of_wall"]] for o in p["top_ops"][:10]])]
-    return "\n".join(out)
 
 
 def missing_figures(res: dict) -> list[str]:

@@ -212,7 +212,7 @@ def summarize_segment(seg: list[dict], warmup: int, window: int) -> dict:
     return out
 
 
-def checkpoint_contents(ckpt_dir: Path, trainable: int) -> dict:
+def checkpoint_contents(ckpt_dir: Path, trainable: int, moments: int = 2) -> dict:
     """What a checkpoint holds, file by file, and how many parameters its module state has.
 
     `frozen_params_saved` = saved module parameters beyond the trainable ones: it must
@@ -228,7 +228,7 @@ def checkpoint_contents(ckpt_dir: Path, trainable: int) -> dict:
                 state = torch.load(Path(ckpt_dir) / name, map_location="cpu", weights_only=True)
             module = state.get("module") or {}
             saved += sum(t.numel() for t in module.values() if hasattr(t, "numel"))
-    state_bytes = 3 * 4 * trainable  # fp32 params + Adam's two moments
+    state_bytes = (1 + moments) * 4 * trainable  # fp32 params + the optimizer's moments (Adam: 2, plain SGD: 0)
     total = sum(files.values())
     return {"files": files, "bytes": total, "trainable_state_bytes": state_bytes,
             "ratio_to_trainable_state": total / state_bytes, "module_params_saved": saved,
