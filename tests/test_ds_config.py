@@ -104,3 +104,6 @@ def test_an_optimizer_without_betas_gets_none(tmp_path):
     torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], **params)  # what DeepSpeed will call
     adam = build_ds_config(load_config(data=BASE), 1, False)["optimizer"]["params"]
     assert adam["betas"] == list(cfg.train.betas) and adam["torch_adam"] is True
+    user.write_text(json.dumps({"optimizer": {"type": "OneBitAdam", "params": {}}, "zero_optimization": {"stage": 2}}))
+    onebit = build_ds_config(load_config(data=BASE, overrides=[f"deepspeed.config={user}"]), 1, False)
+    assert onebit["optimizer"]["params"]["betas"] == list(cfg.train.betas)

@@ -69,8 +69,8 @@ def build_ds_config(cfg: RunConfig, world_size: int, on_gpu: bool, bf16_ok: bool
     opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
     params = opt.setdefault("params", {})
     _fill(params, "lr", cfg.lr)
-    if "betas" in params or opt.get("type", "").lower().startswith(("adam", "lamb", "lion")):
-        _fill(params, "betas", list(cfg.train.betas))  # SGD and others take none
+    if "betas" in params or any(k in opt.get("type", "").lower() for k in ("adam", "lamb", "lion")):
+        _fill(params, "betas", list(cfg.train.betas))  # Adam, OneBitAdam, Lamb, Lion...; SGD and others take none
     _fill(params, "weight_decay", cfg.train.weight_decay)
     zero = ds.get("zero_optimization", {})
     offload = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
