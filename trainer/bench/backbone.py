@@ -40,7 +40,7 @@ def build_and_save(hf_config: dict, out: Path, dtype: torch.dtype = torch.bfloat
     config = AutoConfig.for_model(spec.pop("model_type"), **spec)
     # Only `zero_optimization.stage` matters here: it makes from_config build inside zero.Init.
     keepalive = HfDeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})
-    torch.manual_seed(seed)  # every rank draws the same full tensor, then keeps its own slice
+    torch.manual_seed(seed)  # rank 0's draws below decide every value: the same seed, the same files
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     # Under zero.Init transformers leaves torch's default init (an N(0, 1) embedding, for one); redo the
     # model's own `_init_weights` module by module, on rank 0, whose values the gather then scatters.
@@ -50,22 +50,24 @@ def build_and_save(hf_config: dict, out: Path, dtype: torch.dtype = torch.bfloat
             if world.is_main:
                 model._init_weights(module)
     writer = ShardWriter(out, "model", max_shard_bytes) if world.is_main else None
-    total = 0
+    total, nbytes = 0, 0
     # remove_duplicate: a tied LM head is stored once, under the embedding's name, as save_pretrained does.
     for name, p in model.named_parameters(remove_duplicate=True):
         with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
             if writer is not None:
                 writer.add(name, p.detach().to("cpu", dtype))
             total += p.numel()
+            nbytes += p.numel() * p.element_size()
     for name, b in model.named_buffers():
         module, _, leaf = name.rpartition(".")
         if leaf not in model.get_submodule(module)._non_persistent_buffers_set and writer is not None:
             writer.add(name, b.detach().cpu())
+            nbytes += b.numel() * b.element_size()
     files = []
     if writer is not None:
         weight_map = writer.close()
-        size = sum((out / f).stat().st_size for f in set(weight_map.values()))
-        (out / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": size}, "weight_map": weight_map},
+        # total_size: the tensors' bytes, as save_pretrained writes it (the shards add their headers).
+        (out / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": nbytes}, "weight_map": weight_map},
                                                  indent=2, sort_keys=True) + "\n")
         model.config.save_pretrained(out)
         if model.generation_config is not None:

@@ -36,7 +36,7 @@ from typing import Callable
 
 from .. import package_version
 from .plan import BUDGET_METERS, METHODS, SIZES, BenchSize, PlanError, TrainJob, budget_jobs, check_device, profile_jobs, \
-    throughput_jobs, zero_jobs
+    run_inputs, throughput_jobs, zero_jobs
 from .runs import BenchRunError, checkpoint_contents, latest_checkpoint, launch, paired_ratio, \
     read_metrics, run_job, segments, subprocess_env, summarize_segment, train_command, window_rates, write_config
 
@@ -118,17 +118,14 @@ class Bench:
         """MDS shards; for a size that loads its backbone from disk, that backbone (built on 2 ranks under
         ZeRO-3, as no process could hold it whole at 70B); the JSONs with the size's optimizer."""
         from .data import training_data
-        from .plan import ds_jsons
+        from .plan import run_inputs
 
-        data = training_data(self.work / "data", self.size)
-        if self.size.optimizer:
-            data["ds"] = ds_jsons(self.size, self.work / "ds")
+        data = {**training_data(self.work / "data", self.size), **run_inputs(self.size, self.work)}
         if self.size.backbone_on_disk:
-            data["model"] = {"path": str(self.build_backbone())}
+            self.build_backbone(Path(data["model"]["path"]))
         self.data = data
 
-    def build_backbone(self) -> Path:
-        out = self.work / "backbone"
+    def build_backbone(self, out: Path) -> None:
         spec = self.work / "backbone.json"
         spec.write_text(json.dumps(self.size.model, indent=2))
         ranks = 2 if self.device == "cpu" else max(1, min(2, self.res["meta"]["cuda_devices"]))
@@ -137,7 +134,6 @@ class Bench:
         run = launch(cmd, subprocess_env(self.device, max(1, self.threads // ranks)), self.work / "logs" / "backbone.log",
                      self.size.timeout_s)
         self.res["backbone"] = {"build_s": run["seconds"], "bytes": sum(f.stat().st_size for f in out.iterdir())}
-        return out
 
     def method_pair(self, repeat: int, off: TrainJob, on: TrainJob) -> None:
         """One method: checkpointing off (fresh), then on (resuming it: load time + second figure)."""
@@ -146,8 +142,8 @@ class Bench:
         load_off = self.run_train(off)["load_avg_end"]
         s_off = summarize_segment(segments(read_metrics(off.run_dir))[0], self.size.warmup, self.size.window)
         s_off["load_avg_end"] = load_off
-        moments = 2 if self.size.optimizer is None else 0  # the sizes' own optimizer is plain SGD
-        ckpt = {**checkpoint_contents(latest_checkpoint(off.run_dir), s_off["params"]["trainable"], moments),
+        ckpt = {**checkpoint_contents(latest_checkpoint(off.run_dir), s_off["params"]["trainable"],
+                                      self.size.optimizer_moments),
                 "save_s": s_off.pop("checkpoint")["save_s"]}  # read now: the `on` run's save prunes it
         load_on = self.run_train(on)["load_avg_end"]
         s_on = summarize_segment(segments(read_metrics(on.run_dir))[-1], self.size.warmup, self.size.window)
@@ -372,12 +368,7 @@ def plan_commands(size: BenchSize, work: Path) -> list[str]:
 
     data = {d: {"train": str(work / "data" / d / "train"), "val": str(work / "data" / d / "val")}
             for d in ("en", "code")}
-    if size.backbone_on_disk:
-        data["model"] = {"path": str(work / "backbone")}
-    if size.optimizer:
-        from .plan import ds_jsons
-
-        data["ds"] = ds_jsons(size, work / "ds")
+    data.update(run_inputs(size, work))
     jobs = [j for pair in throughput_jobs(size, data, work / "repeat0") for j in pair]
     jobs += (budget_jobs(size, data, work / "repeat0") if size.full_matrix else []) + zero_jobs(size, data, work)
     lines = []

@@ -51,7 +51,7 @@ class BenchSize:
     peer_deepspeed: bool = True
     """Also time HF Trainer + PEFT + DeepSpeed (one more launch; off in the CI smoke size)."""
     timeout_s: int = 3600
-    methods: tuple = None
+    methods: Optional[tuple] = None
     """Methods of the throughput matrix (None: all of METHODS)."""
     full_matrix: bool = True
     """Also the forgetting-budget runs, the HF peers, the data path and the loader; off where they would
@@ -65,6 +65,11 @@ class BenchSize:
     """Replaces the JSON's optimizer in every run (e.g. SGD where Adam's states would not fit)."""
     cpu: Optional[dict] = None
     """Fields replaced on --device cpu (see `for_device`)."""
+
+    @property
+    def optimizer_moments(self) -> int:
+        """fp32 tensors the optimizer keeps per parameter: Adam's 2, plain SGD's 0."""
+        return 2 if self.optimizer is None or self.optimizer.get("params", {}).get("momentum") else 0
 
     def for_device(self, device: str) -> "BenchSize":
         return dataclasses.replace(self, cpu=None, **self.cpu) if device == "cpu" and self.cpu else self
@@ -160,6 +165,17 @@ def ds_jsons(size: BenchSize, out: Path) -> dict:
         path.write_text(json.dumps(ds, indent=2) + "\n")
         paths[key] = str(path)
     return paths
+
+
+def run_inputs(size: BenchSize, work: Path) -> dict:
+    """What the jobs load besides the data: the saved backbone ("model") and the size's JSONs ("ds", written
+    here); empty for a size built from its config with the shipped JSONs. Merged into the `data` dict."""
+    out = {}
+    if size.backbone_on_disk:
+        out["model"] = {"path": str(work / "backbone")}
+    if size.optimizer:
+        out["ds"] = ds_jsons(size, work / "ds")
+    return out
 
 
 def throughput_jobs(size: BenchSize, data: dict, root: Path) -> list[tuple[TrainJob, TrainJob]]:
