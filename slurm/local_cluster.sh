@@ -7,7 +7,8 @@
 #
 # Needs root and Debian 12 (slurmctld, slurmd, slurm-client, munge from apt). No systemd:
 # the daemons are started by hand. `up` is idempotent: running daemons are kept, a changed
-# slurm.conf restarts them. The job state survives `down`/`up` (StateSaveLocation).
+# slurm.conf restarts them. Jobs survive `down`/`up` while their job steps run (StateSaveLocation);
+# when none runs, `up` starts with no jobs, so a killed cluster's jobs cannot hold the node.
 #
 # The settings below are the ones that matter for the tests (see issue 7):
 #   SelectTypeParameters=CR_Core       jobs share the node core by core (CR_CPU/linear serialize)
@@ -31,8 +32,10 @@ export SLURM_CONF
 log() { echo "[local_cluster] $*" >&2; }
 die() { echo "[local_cluster] error: $*" >&2; exit 1; }
 
-pid_alive() {  # pid_alive PIDFILE: the pid in PIDFILE is a live process
-    [[ -s "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null
+pid_alive() {  # pid_alive PIDFILE: the pid in PIDFILE is a live process (a zombie is not)
+    local pid
+    [[ -s "$1" ]] && pid=$(cat "$1") && kill -0 "$pid" 2>/dev/null &&
+        [[ $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) != Z ]]
 }
 
 install_packages() {
@@ -134,6 +137,15 @@ write_conf() {  # writes slurm.conf; returns 0 if it changed
     return 0
 }
 
+step_alive() {  # a job step (slurmstepd) runs on this machine; a zombie does not count
+    local stat comm state
+    for stat in /proc/[0-9]*/stat; do
+        read -r _ comm state _ 2>/dev/null <"$stat" || continue
+        [[ $comm == "(slurmstepd)" && $state != Z ]] && return 0
+    done
+    return 1
+}
+
 stop_pidfile() {  # stop_pidfile NAME PIDFILE: TERM the recorded pid, wait, then KILL
     local name=$1 file=$2 pid
     pid_alive "$file" || { rm -f "$file"; return 0; }
@@ -161,8 +173,15 @@ cmd_up() {
         stop_pidfile slurmctld "$CTLD_PID"
     fi
     if ! pid_alive "$CTLD_PID"; then
-        log "starting slurmctld"
-        slurmctld -f "$SLURM_CONF"
+        if step_alive; then
+            log "starting slurmctld (job steps still run: their jobs are kept)"
+            slurmctld -f "$SLURM_CONF"
+        else
+            # The saved state of a cluster that was killed (machine, session, OOM) lists jobs whose
+            # processes are gone; recovered as RUNNING, they would hold the node until their time limit.
+            log "starting slurmctld (no job step alive: the saved jobs are cleared)"
+            slurmctld -c -f "$SLURM_CONF"
+        fi
     fi
     for _ in $(seq 100); do scontrol ping >/dev/null 2>&1 && break; sleep 0.2; done
     scontrol ping >/dev/null 2>&1 || die "slurmctld does not answer (see $LOG_DIR/slurmctld.log)"

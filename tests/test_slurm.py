@@ -7,12 +7,17 @@ here the trainer is a stub, so the signal/requeue logic of train.sbatch is teste
 its own (tests/test_slurm_e2e.py runs the real data_prep and trainer).
 """
 import json
+import os
+import re
+import signal as signal_module
 import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
-from slurm_fixtures import (LOCAL_CPU_OPTS, LOCAL_TRAIN_OPTS, SCRIPTS, SLURM_DIR, TEMPLATES,
-                            cancel, job_env, metrics, read_log,
+from slurm_fixtures import (LOCAL_CPU_OPTS, LOCAL_TRAIN_OPTS, SCRIPTS, SLURM_CONF_MARKER, SLURM_DIR, TEMPLATES,
+                            cancel, job_env, job_records, metrics, read_log,
                             render, require_cluster, sbatch, sbatch_directives, shown_commands, stub_repo, wait_job,
                             wait_until)
 
@@ -290,3 +295,60 @@ def test_signal_during_startup_still_requeues(cluster, tmp_path):
     assert rec["JobState"] == "COMPLETED" and rec["Restarts"] == "1", text
     assert "treating it as a stop without checkpoint" in text
     assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3, 4, 5]
+
+
+def _processes() -> dict[int, tuple[str, str]]:
+    """pid -> (comm, command line) of every process."""
+    out = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            comm = (proc / "comm").read_text().strip()
+            out[int(proc.name)] = comm, (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+    return out
+
+
+def _config_value(key: str) -> str:
+    r = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30, check=True)
+    return re.search(rf"^{key}\s*=\s*(\S+)", r.stdout, re.M).group(1)
+
+
+def _kill_cluster_like_a_lost_machine(marker: str) -> None:
+    """SIGKILL the daemons, the job steps and the job's own process (its command line holds
+    `marker`): what a killed session or a crashed machine leaves, state files included."""
+    names = {"slurmctld", "slurmscriptd", "slurmd", "slurmstepd", "slurm_script"}
+    victims = [pid for pid, (comm, cmdline) in _processes().items() if comm in names or marker in cmdline]
+    for pid in victims:
+        try:
+            os.kill(pid, signal_module.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.slurm
+def test_up_after_a_crash_frees_the_node(cluster, tmp_path):
+    """The saved state of a killed cluster lists its running job; recovered as RUNNING with no
+    process behind it, it held the node until its time limit (a CI run failed so). `up` must
+    come back with the node free."""
+    if SLURM_CONF_MARKER not in Path(os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf")).read_text():
+        pytest.fail("this test kills the cluster's daemons: run it on slurm/local_cluster.sh's cluster only")
+    marker = "sleep 6011"
+    job = sbatch(["--partition=debug", "--cpus-per-task=2", "--time=00:20:00", "--wrap", marker], tmp_path)
+    # RUNNING comes at allocation; the job's process a moment later.
+    wait_until(lambda: any(marker in cmdline for _, cmdline in _processes().values()), 60, what=f"job {job} to run")
+    # ... and slurmctld saves its state a moment after that: the crash must find the job in it.
+    seen = time.time()
+    job_state = Path(_config_value("StateSaveLocation")) / "job_state"
+    wait_until(lambda: job_state.exists() and job_state.stat().st_mtime > seen, 60, what="the job state to be saved")
+    _kill_cluster_like_a_lost_machine(marker)
+    up = subprocess.run(["bash", str(SLURM_DIR / "local_cluster.sh"), "up"], capture_output=True, text=True,
+                        timeout=180)
+    assert up.returncode == 0, up.stderr
+    assert "no job step alive: the saved jobs are cleared" in up.stderr
+    out = tmp_path / "after.out"
+    after = sbatch(["--partition=debug", "--cpus-per-task=2", "--time=00:01:00", f"--output={out}",
+                    "--wrap", "echo the node is free"], tmp_path)
+    cluster.append(after)
+    (rec,) = wait_job(after, timeout=30)
+    assert rec["JobState"] == "COMPLETED", read_log(out)

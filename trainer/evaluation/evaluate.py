@@ -202,7 +202,8 @@ def run(args) -> dict:
     else:
         world, device = None, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.dtype == "auto":
-        dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        from ..engine.dist import bf16_supported
+        dtype = torch.bfloat16 if device.type == "cuda" and bf16_supported() else torch.float32
     else:
         dtype = DTYPES[args.dtype]
     model, info = load_model(args.model, dtype, args.tag, args.trust_remote_code)
@@ -242,17 +243,22 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.batch_size < 1:
         ap.error("--batch-size must be >= 1")
+    from ..engine import dist
     from .mc import TaskError
 
     try:
         results = run(args)
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            print(format_table(results))
+            if args.out:
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(results, indent=2) + "\n")
+                print(f"\nwrote {args.out}")
     except (EvalError, ConfigError, TaskError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        print(format_table(results))
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(results, indent=2) + "\n")
-            print(f"\nwrote {args.out}")
+    finally:
+        # Left to interpreter exit, the gloo group's threads can abort a rank whose peer is still
+        # writing the results ("terminate called without an active exception", SIGABRT).
+        dist.shutdown()
     return 0
