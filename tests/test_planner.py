@@ -121,7 +121,39 @@ def _state_worker(out: str) -> None:
         got["optimizer"] = moments + (0 if shared else sum(nbytes(m) for m in masters))
         result[stage] = got
         del engine, opt, model
+    result["live"] = {name: _gathered_at_the_turn(knobs) for name, knobs in LIVE_CAPS.items()}
     Path(out).write_text(json.dumps(result))
+
+
+LIVE_CAPS = {"default": {}, "capped": {"stage3_max_live_parameters": 20000, "stage3_max_reuse_distance": 0}}
+"""zero_optimization values for the gathered-at-the-turn check: DeepSpeed's defaults, and a cap that binds."""
+
+
+def _gathered_at_the_turn(knobs: dict) -> dict:
+    """Between the forward and the backward of the third step, ZeRO-3: the elements gathered (not
+    persistent), and the names of the params released."""
+    import deepspeed
+
+    from trainer.engine.ds_config import build_ds_config
+    from trainer.engine.model import build_model
+    from trainer.method.extend import trainable_named_parameters
+
+    cfg = tiny_cfg(3, hidden_size=64, intermediate_size=128)
+    ds = build_ds_config(cfg, 1, on_gpu=False)
+    ds["zero_optimization"].update(NO_PERSISTENCE, **knobs)
+    model, _keep, _ = build_model(cfg, ds, zero3=True)
+    params = [p for _, p in trainable_named_parameters(model)]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds)
+    ids = torch.randint(0, 128, (2, 16))
+    for _ in range(3):  # the first step records the trace; the walk runs from the second on
+        logits = engine(input_ids=ids).logits
+        found = {"gathered": sum(p.ds_numel for p in model.parameters()
+                                 if p.ds_status.name == "AVAILABLE" and not p.ds_persist),
+                 "released": sorted(n for n, p in model.named_parameters() if p.ds_status.name != "AVAILABLE")}
+        engine.backward(logits.float().mean())
+        engine.step()
+    del engine, model
+    return found
 
 
 @pytest.mark.slow
@@ -148,6 +180,27 @@ def test_state_terms_equal_the_real_engines_tensors(tmp_path):
         for name, predicted in (("frozen", t.frozen_weights), ("trainable", t.trainable_weights),
                                 ("gradients", t.gradients), ("optimizer", t.optimizer_states)):
             assert abs(got[name] - predicted) <= 64, (stage, name, got[name], predicted)
+    # ZeRO-3's live params at the turn from forward to backward: what the prefetcher passed stays gathered,
+    # up to max_live, and so does what is reused within the reuse distance (the module being computed on
+    # top). By default that is everything the backward uses again: all but the input embedding and, without
+    # checkpointing, the first layer's frozen attention and MLP (their input needs no gradient). Under a cap
+    # that binds (and no reuse distance), the cap within one module.
+    facts = model_facts(tiny_cfg(3, hidden_size=64, intermediate_size=128))
+    for name, values in LIVE_CAPS.items():
+        ds = choice_ds(tiny_cfg(3, hidden_size=64, intermediate_size=128), Choice(3))
+        knobs = Knobs.from_ds({"zero_optimization": {**ds["zero_optimization"], **NO_PERSISTENCE, **values}})
+        predicted = memory_terms(facts, knobs, ActivationFit(0, 0, 0, 0), 2, 1, 4, 0.0, on_cpu=True)
+        predicted = predicted.zero3_live_params / 4
+        got = measured["live"][name]["gathered"]
+        assert got <= predicted, (name, got, predicted, facts.total)
+    unused_in_backward = ["model.embed_tokens.weight", "model.layers.0.input_layernorm.weight",
+                          "model.layers.0.post_attention_layernorm.weight"] + [
+        f"model.layers.0.{m}.weight" for m in ("mlp.mlp.down_proj", "mlp.mlp.gate_proj", "mlp.mlp.up_proj",
+                                               "self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj",
+                                               "self_attn.v_proj")]
+    assert measured["live"]["default"]["released"] == sorted(unused_in_backward)
+    cap = LIVE_CAPS["capped"]["stage3_max_live_parameters"]
+    assert cap - facts.largest_module <= measured["live"]["capped"]["gathered"]
 
 
 def _cluster(mem_gib: float, gpus: int = 8, nodes: int = 1) -> Cluster:
@@ -212,16 +265,15 @@ def test_terms_follow_the_ds_config_values():
         **base, "reduce_bucket_size": 3000, "stage3_prefetch_bucket_size": 1500,
         "stage3_param_persistence_threshold": 100}}), ActivationFit(0, 0, 0, 0), 1, 2, 2, 0.0, on_cpu=False)
     assert big.buckets - small.buckets == 2 * 2000 * 2
-    assert big.zero3_live_params - small.zero3_live_params == 1000 * 2
     assert big.frozen_weights > small.frozen_weights  # the norms (32 elements) now stay whole
-    # What is reused within stage3_max_reuse_distance elements stays gathered: about half of it at the
-    # turn from forward to backward, never more than the model, never more than max_live.
-    reuse = memory_terms(facts, Knobs.from_ds({"zero_optimization": {**base, "stage3_max_reuse_distance": 400}}),
-                         ActivationFit(0, 0, 0, 0), 1, 2, 2, 0.0, on_cpu=False)
-    assert reuse.zero3_live_params - small.zero3_live_params == 200 * 2
-    default = memory_terms(facts, Knobs.from_ds({"zero_optimization": {"stage": 3}}), ActivationFit(0, 0, 0, 0),
-                           1, 2, 2, 0.0, on_cpu=False)
-    assert default.zero3_live_params == facts.total * 2  # 1e9 by default: a tiny model stays whole
-    capped = memory_terms(facts, Knobs.from_ds({"zero_optimization": {"stage": 3, "stage3_max_live_parameters": 300}}),
-                          ActivationFit(0, 0, 0, 0), 1, 2, 2, 0.0, on_cpu=False)
-    assert capped.zero3_live_params == 300 * 2
+    # What the prefetcher passed stays gathered up to max_live, and what is reused within the reuse
+    # distance (about half of it at the turn), plus the module being computed; never more than the model.
+    live = lambda **z: memory_terms(facts, Knobs.from_ds({"zero_optimization": {"stage": 3, **z}}),
+                                    ActivationFit(0, 0, 0, 0), 1, 2, 2, 0.0, on_cpu=False).zero3_live_params
+    assert live() == facts.total * 2  # both 1e9 by default: a tiny model stays whole
+    assert live(stage3_max_live_parameters=300) == facts.total * 2
+    assert live(stage3_max_live_parameters=300, stage3_max_reuse_distance=0) == (300 + facts.largest_module) * 2
+    assert live(stage3_prefetch_bucket_size=0, stage3_max_reuse_distance=400) == (200 + facts.largest_module) * 2
+    # max_live bounds the prefetcher, not what the reuse distance keeps.
+    assert live(stage3_prefetch_bucket_size=0, stage3_max_reuse_distance=400, stage3_max_live_parameters=100) \
+        == (200 + facts.largest_module) * 2
