@@ -68,8 +68,10 @@ class BenchSize:
 
     @property
     def optimizer_moments(self) -> int:
-        """fp32 tensors the optimizer keeps per parameter: Adam's 2, plain SGD's 0."""
-        return 2 if self.optimizer is None or self.optimizer.get("params", {}).get("momentum") else 0
+        """fp32 tensors the optimizer keeps per parameter: Adam's 2, SGD's momentum buffer if it has one."""
+        if self.optimizer is None:  # the shipped JSONs: AdamW
+            return 2
+        return 1 if self.optimizer.get("params", {}).get("momentum") else 0
 
     def for_device(self, device: str) -> "BenchSize":
         return dataclasses.replace(self, cpu=None, **self.cpu) if device == "cpu" and self.cpu else self

@@ -195,15 +195,15 @@ def run(args) -> dict:
         load_items(path)  # fail on a malformed file before loading any model
     if args.fewshot < 0:
         raise EvalError("--fewshot must be >= 0")
+    from ..engine import dist
+
     if _distributed():
-        from ..engine import dist
         world = dist.init_distributed()
         device = dist.device()
     else:
         world, device = None, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.dtype == "auto":
-        from ..engine.dist import bf16_supported
-        dtype = torch.bfloat16 if device.type == "cuda" and bf16_supported() else torch.float32
+        dtype = torch.bfloat16 if device.type == "cuda" and dist.bf16_supported() else torch.float32
     else:
         dtype = DTYPES[args.dtype]
     model, info = load_model(args.model, dtype, args.tag, args.trust_remote_code)
