@@ -149,15 +149,17 @@ def test_budget_cost_pairs_each_run_with_the_same_repeats_plain_run(tmp_path):
     b = _bench(tmp_path, 2)
     for r, speed in enumerate((1.0, 3.0)):  # the machine runs 3x faster in repeat 1
         b.runs[(r, "neutral_residues")] = _run(100 * speed)
-        b.budget_runs[(r, "neutral_residues")] = {"tokens_per_s": 96 * speed}
-    b.budget_runs[(0, "finetune")] = {"tokens_per_s": 50}  # its plain run failed: a speed, no ratio
+        b.budget_runs[(r, "neutral_residues")] = {"tokens_per_s": 96 * speed, "meter_share": 0.03 + 0.01 * r}
+    b.budget_runs[(0, "finetune")] = {"tokens_per_s": 50, "meter_share": 0.02}  # its plain run failed: no ratio
     b.collect_budget()
     nr = b.res["budget"]["neutral_residues"]
     assert nr["ratio_vs_off_per_repeat"] == pytest.approx([0.96, 0.96])
-    assert nr["overhead"] == pytest.approx(0.04) and nr["measure"] == "train"
-    assert b.res["budget"]["finetune"] == {"measure": "heldout", "tokens_per_s": 50}
+    assert nr["overhead"] == pytest.approx(0.04) and nr["measure"] == BUDGET_METERS["neutral_residues"]
+    assert nr["meter_share"] == pytest.approx(0.035)  # the median of the in-run shares
+    assert b.res["budget"]["finetune"] == {"measure": "heldout", "tokens_per_s": 50, "meter_share": 0.02}
     missing = missing_figures(b.res)
     assert "budget.finetune.overhead" in missing and "budget.neutral_residues.overhead" not in missing
+    assert "budget.finetune.meter_share" not in missing
 
 
 def test_budget_jobs_are_the_plain_runs_with_a_binding_budget(tmp_path):

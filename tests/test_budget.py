@@ -12,7 +12,8 @@ import torch
 from launch import kill_tree, metrics, run, start, step_losses, train_cmd, wait_for_checkpoint, write_config
 from mds_fixtures import tiny_run_config, two_domain_data
 from tiny_models import one_thread, random_batch, tiny_model  # noqa: F401
-from trainer.config import ConfigError, MethodConfig
+from trainer.config import ConfigError, MethodConfig, load_config
+from trainer.engine.schedule import lr_lambda
 from trainer.method.budget import AIM, LN2, P_STEPS as P, ForgettingBudget
 
 
@@ -78,6 +79,8 @@ def test_levers_and_state_round_trip_exactly():
         b.step()
     assert l1.l1_weight == l1.multiplier > 0 and l1.replay_weight == 0
     assert replay.l1_weight is None and replay.replay_weight == replay.multiplier > 0
+    # The replay lever also shortens the steps (Adam ignores a loss weight's size); the l1 lever does not.
+    assert l1.lr_scale == 1.0 and replay.lr_scale == pytest.approx(1 / (1 + replay.multiplier))
 
     l1.reference = [[12.5, 30.0], [11.0, 29.0]]
     state = json.loads(json.dumps(l1.state_dict()))  # plain data: a checkpoint's client dict holds it
@@ -96,9 +99,16 @@ def test_config_forms_of_the_budget():
     # sigmoid_gate's lever is its l1, which a budget turns on.
     assert MethodConfig(name="sigmoid_gate", forgetting_budget=0.01).uses_l1
     assert not MethodConfig(name="sigmoid_gate").uses_l1
+    # The meter defaults to the original stream's held-out set, and to its training rows without one.
+    run = {"model": {"config": {"model_type": "llama"}}, "method": {"forgetting_budget": 0.01},
+           "data": {"p": 0.1, "streams": [{"domain": "en", "role": "original", "train": "/en/train", "val": "/en/val"},
+                                          {"domain": "code", "train": "/code/train"}]}}
+    assert load_config(data=run).method.budget_measure == "heldout"
+    del run["data"]["streams"][0]["val"]
+    assert load_config(data=run).method.budget_measure == "train"
     # finetune has no backbone to switch back to: it can only measure on held-out data.
-    assert MethodConfig(forgetting_budget=0.01).budget_measure == "train"
-    assert MethodConfig(name="finetune", forgetting_budget=0.01).budget_measure == "heldout"
+    with pytest.raises(ConfigError, match="val is not set"):
+        load_config(data={**run, "method": {"name": "finetune", "forgetting_budget": 0.01}})
     for bad in (-0.01, 0, "abc", "-2%"):
         with pytest.raises(ConfigError, match="method.forgetting_budget"):
             MethodConfig(forgetting_budget=bad)
@@ -199,10 +209,13 @@ def english_backbone(tmp_path_factory, data):
     return root / "export" / "hf"
 
 
-def budget_config(root, data, backbone, method, eps, name, **train):
+def budget_config(root, data, backbone, method, eps, name, measure=None, **train):
+    """A tiny run at budget eps; `measure` None is the default meter (held out: the data has a val set)."""
     cfg = tiny_run_config(root, data, method, **{"max_steps": 16, "lr": 1e-2, "warmup_steps": 1, **train})
     cfg["model"] = {"path": str(backbone)}
     cfg["method"]["forgetting_budget"] = eps
+    if measure is not None:
+        cfg["method"]["budget_measure"] = measure
     cfg["run_dir"] = str(root / name)
     cfg["checkpoint"] = {"every": 4, "keep_last": 5}
     return cfg
@@ -218,7 +231,8 @@ def test_a_tighter_budget_gives_a_larger_multiplier(tmp_path, data, english_back
     runs = {}
     configs = []
     for eps in (0.001, 10.0):
-        cfg = budget_config(tmp_path, data, english_backbone, method, eps, f"eps{eps}")
+        # The train meter: a measurement, hence a dual step, at every step (the probe's come every 5).
+        cfg = budget_config(tmp_path, data, english_backbone, method, eps, f"eps{eps}", measure="train")
         configs.append(str(write_config(cfg, tmp_path / f"eps{eps}.yaml")))
         runs[eps] = tmp_path / f"eps{eps}"
     script = ("import sys\nfrom trainer.config import load_config\nfrom trainer.engine.train import train\n"
@@ -228,7 +242,8 @@ def test_a_tighter_budget_gives_a_larger_multiplier(tmp_path, data, english_back
     tight, loose = budget_records(runs[0.001]), budget_records(runs[10.0])
     assert sorted(tight) == list(range(1, 17))  # every logged step
     for rec in tight.values():
-        assert {"lambda", "degradation", "slack", "eps_bpb"} <= rec.keys()
+        assert {"lambda", "degradation", "slack", "eps_bpb", "meter_share"} <= rec.keys()
+        assert 0 < rec["meter_share"] < 1  # the reference forward's share of the step's wall time
         assert rec["slack"] == pytest.approx(rec["eps_bpb"] - rec["degradation"])
     assert max(r["degradation"] for r in tight.values()) > 0.001  # learning code does forget English here
     assert tight[16]["lambda"] > 0.5
@@ -271,11 +286,18 @@ def test_exact_resume_with_the_multiplier(tmp_path, data, english_backbone, meth
     assert sorted(a) == sorted(b) == list(range(1, 25))
     assert a[24]["lambda"] > 0  # the multiplier was live, so its restore matters
     for step in a:
+        a[step].pop("meter_share"), b[step].pop("meter_share")  # wall time, not state
         assert b[step] == a[step], step  # plain floats restored: bit for bit
     la, lb = step_losses(tmp_path / "straight"), step_losses(tmp_path / "killed")
     assert la.keys() == lb.keys()
     for step in la:
         assert math.isclose(la[step], lb[step], rel_tol=0, abs_tol=1e-6), step
+    # The replay lever: each logged lr (the next step's) is the schedule's over 1 + lambda.
+    schedule, base = lr_lambda(load_config(data=straight)), load_config(data=straight).lr
+    logged = {m["step"]: m["lr"] for m in metrics(tmp_path / "straight") if "lr" in m}
+    assert sorted(logged) == list(range(1, 25))
+    for step, lr in logged.items():
+        assert lr == pytest.approx(base * schedule(step) / (1 + a[step]["lambda"]), rel=1e-9), step
 
 
 @pytest.mark.slow
@@ -283,8 +305,8 @@ def test_exact_resume_with_the_multiplier(tmp_path, data, english_backbone, meth
 def test_two_ranks_under_zero3_follow_the_one_rank_multiplier(tmp_path, data, english_backbone):
     """The measurement is summed over ranks, so 2 ranks hold the 1-rank multiplier; under ZeRO-3 a rank
     whose batch has no original rows still joins the reference forward (else the others would hang)."""
-    one = budget_config(tmp_path, data, english_backbone, "adapters", 0.002, "one", max_steps=12)
-    two = {**budget_config(tmp_path, data, english_backbone, "adapters", 0.002, "two", max_steps=12),
+    one = budget_config(tmp_path, data, english_backbone, "adapters", 0.002, "one", "train", max_steps=12)
+    two = {**budget_config(tmp_path, data, english_backbone, "adapters", 0.002, "two", "train", max_steps=12),
            "deepspeed": {"config": "ds_configs/zero3.json"}}
     two["train"]["micro_batch_size"] = 1
     run(train_cmd(write_config(one, tmp_path / "one.yaml")))

@@ -31,6 +31,16 @@ def test_same_samples_once_on_any_number_of_ranks(val, max_batches):
         assert sorted(many) == sorted(one)  # no sample padded in twice, none dropped
 
 
+def test_a_capped_eval_spans_the_whole_set(val):
+    """Val sets keep their documents' order: a capped eval must not read only the first documents."""
+    from streaming import LocalDataset
+
+    ds = LocalDataset(local=val)
+    position = {tuple(ds[i]["input_ids"].tolist()): i for i in range(len(ds))}
+    read = sorted(position[s] for s in seen(val, 2, 2, max_batches=2))
+    assert read == [0, 2, 5, 8]  # 4 of 11, evenly spaced: the last third of the set is read too
+
+
 def mixture(p, streams):
     from trainer.config import load_config
     from trainer.engine.data import stream_proportions

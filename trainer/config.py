@@ -84,7 +84,7 @@ class MethodConfig:
     dual_lr: Optional[float] = None
     """Dual step size of the forgetting budget: change of the multiplier's integral part per step at a violation of one budget; the proportional part moves 20 times that at once. Default: 0.1."""
     budget_measure: Optional[str] = None
-    """Where the budget measures forgetting: train (the step's original-domain rows, against the adapters switched off) or heldout (a fixed probe of the original domain's val set). Default: train; finetune can only use heldout."""
+    """Where the budget measures forgetting: heldout (a fixed probe of the original domain's val set) or train (the step's original-domain rows, against the adapters switched off; not finetune). Default: heldout if the original stream has a val set, else train."""
 
     def __post_init__(self):
         if self.name not in METHODS:
@@ -108,9 +108,7 @@ class MethodConfig:
             self.budget  # validates the value
         if self.dual_lr is not None and self.dual_lr <= 0:
             raise ConfigError(f"method.dual_lr: {self.dual_lr} must be > 0")
-        if self.budget_measure is None:
-            self.budget_measure = "heldout" if self.name == "finetune" else "train"
-        if self.budget_measure not in ("train", "heldout"):
+        if self.budget_measure is not None and self.budget_measure not in ("train", "heldout"):
             raise ConfigError(f"method.budget_measure: {self.budget_measure!r} is not train or heldout")
         if self.budget_measure == "train" and self.name == "finetune":
             raise ConfigError("method.budget_measure: finetune trains the backbone itself, so it has no backbone "
@@ -290,8 +288,8 @@ class EvalConfig:
     every: int = 0
     """Evaluate every N steps (0: only at the end)."""
     max_batches: Optional[int] = None
-    """Cap on val batches per domain, counted as on one rank: the first max_batches x batch_size
-    samples, split over the ranks (None: the whole val set)."""
+    """Cap on val batches per domain, counted as on one rank: max_batches x batch_size samples
+    spread evenly over the val set, split over the ranks (None: the whole val set)."""
     batch_size: int = 4
     """Per-rank eval batch size."""
     at_start: bool = True
@@ -331,6 +329,11 @@ class RunConfig:
         if self.data.p == 0:
             raise ConfigError("method.forgetting_budget: data.p = 0, so training sees no original-domain tokens "
                               "to measure forgetting on")
+        if self.method.budget_measure is None:
+            # Held out where there is a val set: it measures what the report checks, and the same way for
+            # every method (the training rows can be text the backbone was trained on, and forget otherwise).
+            held_out = any(s.val for s in original) or self.method.name == "finetune"
+            self.method.budget_measure = "heldout" if held_out else "train"
         if self.method.budget_measure == "heldout" and not any(s.val for s in original):
             raise ConfigError(f"method.forgetting_budget: {self.method.name} measures forgetting on held-out data "
                               f"(method.budget_measure), but data.streams[{original[0].domain}].val is not set")

@@ -166,6 +166,10 @@ class Bench:
             with_budget = {r: run["tokens_per_s"] for (r, m), run in self.budget_runs.items() if m == method}
             without = {r: self.runs[(r, method)]["off"]["tokens_per_s"] for r in with_budget if (r, method) in self.runs}
             entry = {"measure": BUDGET_METERS[method], "tokens_per_s": statistics.median(with_budget.values())}
+            # Timed inside the run: unlike the ratio of two runs, other load on the machine hardly moves it.
+            shares = [run["meter_share"] for (_, m), run in self.budget_runs.items() if m == method and "meter_share" in run]
+            if shares:
+                entry["meter_share"] = statistics.median(shares)
             if without:
                 entry["ratio_vs_off"], entry["ratio_vs_off_per_repeat"] = paired_ratio(with_budget, without)
                 entry["overhead"] = 1 - entry["ratio_vs_off"]

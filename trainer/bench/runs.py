@@ -199,6 +199,9 @@ def summarize_segment(seg: list[dict], warmup: int, window: int) -> dict:
            "windows": [round(w, 2) for w in windows],
            "steps_timed": len(windows) * window, "peak_mem_gb": max(r["peak_mem_gb"] for r in steps),
            "final_loss": steps[-1]["loss"]}
+    shares = [r["budget"]["meter_share"] for r in steps[warmup:] if "meter_share" in r.get("budget", {})]
+    if shares:  # under a forgetting budget: its meter's share of the step time, in the same run
+        out["meter_share"] = statistics.mean(shares)
     params = next((r["params"] for r in seg if "params" in r), None)
     if params:
         out["params"] = params

@@ -200,12 +200,23 @@ def original_mask(domains: list[str], streams: list[StreamConfig]) -> torch.Tens
     return torch.tensor([[d in original] for d in domains], dtype=torch.bool)
 
 
+def evenly_spaced(n: int, k: int) -> list[int]:
+    """k sample indices spread evenly over 0..n-1 (all n when k >= n).
+
+    A capped eval or probe reads a subset: val sets keep their documents' order, so their first k
+    samples can be one kind of text (the quickstart's English val holds a stretch at a third of the
+    rest's bits per byte) and measure something else than the whole set.
+    """
+    k = min(n, k)
+    return [i * n // k for i in range(k)]
+
+
 class ValSet:
     """One domain's held-out samples, this rank's slice (index r, r+W, ...).
 
     Every rank yields the same number of batches (ZeRO-3 gathers parameters
     collectively, so a rank that stops early would hang the others); padding
-    rows repeat sample 0 and carry `valid = False` so they are not counted.
+    rows repeat the first sample and carry `valid = False` so they are not counted.
     """
 
     def __init__(self, path: str, rank: int, world_size: int, batch_size: int, max_batches: Optional[int] = None):
@@ -214,18 +225,17 @@ class ValSet:
         check_mds_dir(path, "val")
         self.ds = LocalDataset(local=path)
         n = len(self.ds)
-        if max_batches is not None:
-            # Counted as on one rank: the same samples, hence the same figure, on any number of ranks.
-            n = min(n, max_batches * batch_size)
-        per_rank = -(-n // world_size)
-        mine = list(range(rank, n, world_size))
+        # Counted as on one rank: the same samples, hence the same figure, on any number of ranks.
+        chosen = evenly_spaced(n, n if max_batches is None else max_batches * batch_size)
+        per_rank = -(-len(chosen) // world_size)
+        mine = chosen[rank::world_size]
         self.indices = mine + [-1] * (per_rank - len(mine))
         self.batch_size = batch_size
 
     def __iter__(self):
         for i in range(0, len(self.indices), self.batch_size):
             chunk = self.indices[i:i + self.batch_size]
-            batch = collate([self.ds[max(j, 0)] for j in chunk])
+            batch = collate([self.ds[j if j >= 0 else self.indices[0]] for j in chunk])
             batch["valid"] = torch.tensor([j >= 0 for j in chunk])
             yield batch
 

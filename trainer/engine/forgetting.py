@@ -1,7 +1,9 @@
 """What a forgetting budget measures during training: the trained model's loss on original-domain
 tokens against the backbone's on the same tokens (trainer/method/budget.py turns it into a multiplier).
 
-Two meters (`method.budget_measure`); finetune, which cannot switch back to its backbone, has only the second:
+Two meters (`method.budget_measure`). The default is the second wherever the original stream has a val set:
+it measures what the report checks, the same way for every method. finetune, which cannot switch back
+to its backbone, has only the second:
 
 - `ReferenceForward` (train; adapter methods and LoRA): the step's training forwards already give the trained
   model's loss on its original-domain rows; after them, one no-grad forward over those rows with the
@@ -27,7 +29,7 @@ from . import dist
 from ..config import ConfigError, RunConfig
 from ..method.budget import ForgettingBudget
 from ..method.extend import backbone_only
-from .data import collate
+from .data import collate, evenly_spaced
 from .perplexity import predicted_bytes, token_nll
 
 STEP_EMA = 0.9
@@ -87,7 +89,7 @@ class HeldOutProbe:
     rotating over a large one costs the same per step and its smoothed estimate covers all of it.
     """
 
-    ema = 0.9  # about the last 10 chunks: 5 global batches of samples, over the last 50 steps
+    ema = 0.8  # about the last 5 chunks: 2.5 global batches of samples, over the last 25 steps
 
     def __init__(self, engine, device: torch.device, path: str, rank: int, world_size: int, chunk: int):
         from streaming import LocalDataset
@@ -96,11 +98,8 @@ class HeldOutProbe:
         ds = LocalDataset(local=path)
         n = len(ds)
         chunk = max(1, min(chunk, n // PROBE_CHUNKS))
-        # Evenly spaced over the whole val set: val sets keep their documents' order, so one end of
-        # one can be another kind of text (the quickstart's English val has a stretch at 1/3 of the
-        # backbone's bits per byte) and a probe from one end measures another forgetting.
-        size = min(n, chunk * PROBE_CHUNKS)
-        probe = [i * n // size for i in range(size)]
+        # Evenly spaced over the whole val set, like a capped eval (data.evenly_spaced).
+        probe = evenly_spaced(n, chunk * PROBE_CHUNKS)
         # Interleaved into chunks, so that each chunk, too, spans the whole set.
         probe = [probe[i] for c in range(PROBE_CHUNKS) for i in range(c, len(probe), PROBE_CHUNKS)]
         self.chunks = []

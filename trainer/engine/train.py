@@ -185,6 +185,8 @@ class Trainer:
         self.logger: Optional[RunLogger] = None
         # The forgetting budget (method.forgetting_budget): its multiplier and the meter that measures forgetting.
         self.budget = self.forgetting = None
+        self.meter_s = self.window_s = 0.0
+        """Seconds spent measuring forgetting, and in whole steps, since the last logged step."""
         if cfg.method.forgetting_budget is not None:
             self.forgetting = meter(cfg, self.engine, self.device, self.world.rank, self.world.world_size, self.stage)
             self.budget = ForgettingBudget.from_config(cfg.method, self.forgetting.ema)
@@ -247,6 +249,7 @@ class Trainer:
             self.check_finite(metrics)
             self.tokens_seen += step_tokens
             dt = time.perf_counter() - t0
+            self.window_s += dt
             if self.step % cfg.log.every == 0 or self.step == cfg.train.max_steps:
                 self.log_step(metrics, step_tokens / dt)
             before_end = self.step < cfg.train.max_steps  # the end has its own eval and save
@@ -283,6 +286,12 @@ class Trainer:
         budget = self.budget
         if budget is not None:
             self.forgetting.start_step(budget, self.step)
+            if budget.lr_scale != 1:
+                # Set on the optimizer, not in the schedule: the scheduler re-sets the plain lr after
+                # every step, so the scaled one never reaches a checkpoint, and a resume re-scales it
+                # from the restored multiplier.
+                for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr()):
+                    group["lr"] = lr * budget.lr_scale
         for batch, mask in zip(micro_batches, masks):
             ids = batch["input_ids"].to(self.device)
             set_domain(self.model, mask.to(self.device), l1_tokens=l1_tokens)
@@ -296,12 +305,14 @@ class Trainer:
             metrics.add(nll, batch["domain"], local, stats)
             if budget is not None:
                 self.forgetting.add(ids, mask, nll, batch["num_bytes"])
-        metrics.reduce()
+        metrics.reduce()  # synchronises the device, so the meter's clock below starts after the step's work
         if budget is not None:
+            t_meter = time.perf_counter()
             sums = self.forgetting.finish_step(self.step + 1)
             if sums is not None:
                 budget.measure(*sums)
             budget.step()
+            self.meter_s += time.perf_counter() - t_meter
         return metrics, self.cfg.train.global_batch_size * ids.shape[1]
 
     def check_finite(self, metrics: StepMetrics) -> None:
@@ -335,9 +346,15 @@ class Trainer:
         return dist.all_reduce_sum(local).item() / (self.world.world_size * self.accum)
 
     def log_step(self, metrics: StepMetrics, tokens_per_s: float) -> None:
-        record = metrics.record(lr=self.scheduler.get_last_lr()[0], tokens_seen=self.tokens_seen,
-                                tokens_per_s=tokens_per_s, peak_mem_gb=peak_mem_gb(),
-                                budget=self.budget.record() if self.budget else None)
+        lr = self.scheduler.get_last_lr()[0] * (self.budget.lr_scale if self.budget else 1.0)
+        budget = None
+        if self.budget is not None:
+            # The meter's share of the wall time since the last log, every step counted (the held-out
+            # probe runs every few steps only, so the logged step's own tokens/s says little about it).
+            budget = {**self.budget.record(), "meter_share": self.meter_s / self.window_s}
+        self.meter_s = self.window_s = 0.0
+        record = metrics.record(lr=lr, tokens_seen=self.tokens_seen,
+                                tokens_per_s=tokens_per_s, peak_mem_gb=peak_mem_gb(), budget=budget)
         self.logger.write(record, self.step)
         self.logger.progress(self.step, {"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}"})
 

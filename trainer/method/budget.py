@@ -31,8 +31,14 @@ What lambda weights depends on the method (`lever`):
     original-domain tokens on top of the plain mixture loss,
         loss = CE(all tokens) + lambda * CE(original tokens),
     which is exactly the Lagrangian of "minimise the mixture loss s.t. CE(original) - ref <= EPS"
-    (the constant terms -lambda * (ref + EPS) have no gradient). With lambda = 0 both levers
-    give back the unconstrained method.
+    (the constant terms -lambda * (ref + EPS) have no gradient); and the learning rate is divided
+    by 1 + lambda. Adam normalises the gradient, so a loss weight turns the steps but does not
+    shorten them, and at a learning rate meant to learn a domain the size of the steps is what
+    forgets: on the quickstart, a replay weight of 60 left finetune's forgetting where it was, and
+    adapters with a replay weight in the hundreds still forgot 6 budgets of held-out English in
+    their first 50 steps (fitting the step's one or two English rows is no protection either).
+    The weight says which way to go back; the shorter steps keep the model from straying.
+    With lambda = 0 both levers give back the unconstrained method.
 
 EPS is either absolute (bits per byte) or relative to the backbone's bits per byte on the
 same tokens ("2%"), whose estimate is the reference part of the same EMA.
@@ -156,6 +162,11 @@ class ForgettingBudget:
     def replay_weight(self) -> float:
         """Weight of the original tokens' LM loss added to the mixture loss (0 for the l1 lever)."""
         return self.multiplier if self.lever == "replay" else 0.0
+
+    @property
+    def lr_scale(self) -> float:
+        """Factor on the scheduled learning rate (1 for the l1 lever)."""
+        return 1 / (1 + self.multiplier) if self.lever == "replay" else 1.0
 
     # ------------------------------------------------------------------ logging and checkpoints
 
