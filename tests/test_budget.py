@@ -14,7 +14,7 @@ from mds_fixtures import tiny_run_config, two_domain_data
 from tiny_models import one_thread, random_batch, tiny_model  # noqa: F401
 from trainer.config import ConfigError, MethodConfig, load_config
 from trainer.engine.schedule import lr_lambda
-from trainer.method.budget import AIM, LN2, P_STEPS as P, ForgettingBudget
+from trainer.method.budget import AIM, DEFAULT_DUAL_LR, LN2, P_STEPS as P, ForgettingBudget
 
 
 def budget(eps=0.1, relative=False, lever="l1", dual_lr=1.0, ema=0.0):
@@ -109,6 +109,12 @@ def test_config_forms_of_the_budget():
     # finetune has no backbone to switch back to: it can only measure on held-out data.
     with pytest.raises(ConfigError, match="val is not set"):
         load_config(data={**run, "method": {"name": "finetune", "forgetting_budget": 0.01}})
+    # The dual step size defaults per lever (the replay lever acts through the weight and the step size).
+    assert ForgettingBudget.from_config(MethodConfig(forgetting_budget=0.01), 0.8).dual_lr == DEFAULT_DUAL_LR["l1"]
+    for name in ("adapters", "lora", "finetune"):
+        b = ForgettingBudget.from_config(MethodConfig(name=name, forgetting_budget=0.01), 0.8)
+        assert b.lever == "replay" and b.dual_lr == DEFAULT_DUAL_LR["replay"] < DEFAULT_DUAL_LR["l1"]
+    assert ForgettingBudget.from_config(MethodConfig(name="lora", forgetting_budget=0.01, dual_lr=0.3), 0.8).dual_lr == 0.3
     for bad in (-0.01, 0, "abc", "-2%"):
         with pytest.raises(ConfigError, match="method.forgetting_budget"):
             MethodConfig(forgetting_budget=bad)

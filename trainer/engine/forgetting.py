@@ -12,7 +12,7 @@ to its backbone, has only the second:
 - `HeldOutProbe` (heldout): a fixed probe of the original domain's held-out samples. The backbone's
   loss on it is measured once, before the first step (when the model still is the backbone) and kept
   in the budget's state; the trained model's, one chunk of it in turn, every `PROBE_EVERY` steps.
-  The probe is spread evenly over the whole val set, so it measures the same text as a full eval.
+  The probe is spread evenly over the whole val set, like a capped eval, so the two measure the same text.
 
 Both return sums over all ranks, [trained nats, backbone nats, bytes], so every rank derives the
 same multiplier. Every rank runs the same number of forwards whatever its rows (ZeRO-3 gathers
@@ -80,7 +80,7 @@ class ReferenceForward:
 
 
 class HeldOutProbe:
-    """The trained model vs the backbone on a fixed held-out probe, one chunk at a time (finetune's only meter).
+    """The trained model vs the backbone on a fixed held-out probe, one chunk at a time (the default meter).
 
     The probe is PROBE_CHUNKS chunks of half a global batch each, spread over the original domain's
     val set. The backbone's loss on every chunk is measured once, before the first step;
@@ -89,7 +89,9 @@ class HeldOutProbe:
     rotating over a large one costs the same per step and its smoothed estimate covers all of it.
     """
 
-    ema = 0.8  # about the last 5 chunks: 2.5 global batches of samples, over the last 25 steps
+    # About the last 5 chunks (2.5 global batches of samples, the last 25 steps). 0.9 lagged the model by
+    # 50 steps, and the multiplier went on repairing what had already been repaired.
+    ema = 0.8
 
     def __init__(self, engine, device: torch.device, path: str, rank: int, world_size: int, chunk: int):
         from streaming import LocalDataset
@@ -133,7 +135,7 @@ class HeldOutProbe:
             budget.reference = [self.measure(k) for k in range(len(self.chunks))]
 
     def add(self, ids, original, nll, num_bytes) -> None:
-        pass  # the probe, not the training rows, measures finetune's forgetting
+        pass  # the probe, not the training rows, measures forgetting
 
     def finish_step(self, step: int) -> Optional[list[float]]:
         if step % PROBE_EVERY:

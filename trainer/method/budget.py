@@ -59,9 +59,13 @@ P_STEPS = 20.0
 """The proportional term's gain, in steps of the integral: a violation moves lambda at once by what
 P_STEPS dual steps would."""
 
-DEFAULT_DUAL_LR = 0.1
-"""Per-step change of I at a violation of one budget, for both levers: the proportional term carries the
-fast response (plain dual ascent needed 0.5 for the l1 weight, and swung with it)."""
+DEFAULT_DUAL_LR = {"l1": 0.1, "replay": 0.025}
+"""Per-step change of I at a violation of one budget, per lever. The proportional term carries the fast
+response (plain dual ascent needed 0.5 for the l1 weight, and swung with it). The replay lever acts twice,
+through the loss weight and the step size, and the estimate lags the model by about 25 steps: with 0.1 its
+integral wound up on the first steps' overshoot and went on repairing the original domain well past the
+setpoint (the quickstart at 0.01: adapters ended at 0.08 EPS, finetune at -0.29; 0.05 gave 0.20 and 0.30;
+0.025 gives 0.46 and 1.00)."""
 
 
 def lever(method: MethodConfig) -> str:
@@ -101,7 +105,7 @@ class ForgettingBudget:
             return None
         eps, relative = method.budget
         kind = lever(method)
-        return cls(eps, relative, kind, method.dual_lr or DEFAULT_DUAL_LR, ema,
+        return cls(eps, relative, kind, method.dual_lr or DEFAULT_DUAL_LR[kind], ema,
                    dual_lr_given=method.dual_lr is not None)
 
     # ------------------------------------------------------------------ estimate
