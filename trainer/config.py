@@ -80,7 +80,7 @@ class MethodConfig:
     lora_dropout: float = 0.0
     """Dropout on the LoRA branch input."""
     forgetting_budget: Optional[float | str] = None
-    """Allowed rise of the original domain's loss over the backbone's, in bits per byte (0.01) or relative to the backbone's (2%). Set, a multiplier found by dual ascent holds it: it is alpha for gated methods, and weights the original tokens' LM loss for the others (README: Choosing a forgetting budget)."""
+    """Allowed rise of the original domain's loss over the backbone's, in bits per byte (0.01) or relative to the backbone's (2%). Set, a multiplier found by dual ascent holds it: it is alpha for gated methods; for the others it weights the original tokens' LM loss and divides the learning rate by 1 + itself (README: Choosing a forgetting budget)."""
     dual_lr: Optional[float] = None
     """Dual step size of the forgetting budget: change of the multiplier's integral part per step at a violation of one budget; the proportional part moves 20 times that at once. Default: 0.1 for the l1 weight (neutral_residues, sigmoid_gate), 0.025 for the replay lever (adapters, lora, finetune)."""
     budget_measure: Optional[str] = None
