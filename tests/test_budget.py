@@ -307,6 +307,20 @@ def test_exact_resume_with_the_multiplier(tmp_path, data, english_backbone, meth
 
 
 @pytest.mark.slow
+def test_a_run_metered_on_its_training_rows_resumes_only_on_them(tmp_path, data, english_backbone):
+    """The held-out probe needs the backbone's loss, taken before the first step: a run started with the train
+    meter (the default before the held-out one) cannot switch to it, and says how to go on."""
+    cfg = budget_config(tmp_path, data, english_backbone, "adapters", 0.002, "run", "train", max_steps=4)
+    run(train_cmd(write_config(cfg, tmp_path / "train.yaml")))
+    longer = {**cfg, "train": {**cfg["train"], "max_steps": 8}}
+    del longer["method"]["budget_measure"]  # the default: held out, since the data has a val set
+    p = run(train_cmd(write_config(longer, tmp_path / "default.yaml")), check=False)
+    assert p.returncode == 2 and "resume it with method.budget_measure=train" in p.stderr.strip().splitlines()[-1]
+    run(train_cmd(write_config(longer, tmp_path / "default.yaml"), overrides=["method.budget_measure=train"]))
+    assert sorted(budget_records(tmp_path / "run")) == list(range(1, 9))
+
+
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_two_ranks_under_zero3_follow_the_one_rank_multiplier(tmp_path, data, english_backbone):
     """The measurement is summed over ranks, so 2 ranks hold the 1-rank multiplier; under ZeRO-3 a rank

@@ -129,8 +129,9 @@ class HeldOutProbe:
         self.budget = budget
         if budget.reference is None:
             if step > 0:
-                raise ConfigError("method.forgetting_budget: this run was started without a budget (or on its training "
-                                  "rows), so its backbone's loss on the probe was never measured; start a new run_dir")
+                raise ConfigError("method.budget_measure: this run was started without a budget or with the train "
+                                  "meter, so its backbone's loss on the held-out probe was never measured: resume it "
+                                  "with method.budget_measure=train (or without a budget), or start a new run_dir")
             # Before any update the model is the backbone.
             budget.reference = [self.measure(k) for k in range(len(self.chunks))]
 
