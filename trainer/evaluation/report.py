@@ -279,7 +279,7 @@ def budget_plot(rep: dict, out: Path) -> Optional[Path]:
     top.legend(fontsize=7)
     bottom.axhline(0.0, color="black", lw=0.6, ls=":")
     bottom.set_ylabel(f"Δ{rep['original']} bits per byte vs backbone")
-    bottom.set_xlabel("step (points: held-out evals; thin: training estimate; dashed: budget)")
+    bottom.set_xlabel("step (points: held-out evals; thin: the budget's running estimate; dashed: budget)")
     for ax in (top, bottom):
         ax.grid(alpha=0.3)
     fig.tight_layout()
