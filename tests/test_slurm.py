@@ -335,10 +335,13 @@ def test_up_after_a_crash_frees_the_node(cluster, tmp_path):
         pytest.fail("this test kills the cluster's daemons: run it on slurm/local_cluster.sh's cluster only")
     marker = "sleep 6011"
     job = sbatch(["--partition=debug", "--cpus-per-task=2", "--time=00:20:00", "--wrap", marker], tmp_path)
+    cluster.append(job)  # cancelled by the fixture if the test fails before the crash: else it holds the node
     # RUNNING comes at allocation; the job's process a moment later.
     wait_until(lambda: any(marker in cmdline for _, cmdline in _processes().values()), 60, what=f"job {job} to run")
-    # ... and slurmctld saves its state a moment after that: the crash must find the job in it.
+    # The crash must find the job saved as RUNNING. slurmctld saves job state after a change, and the last
+    # change (the allocation) may have been saved already: change the job once more and wait for that save.
     seen = time.time()
+    subprocess.run(["scontrol", "update", f"JobId={job}", "Comment=crash-test"], check=True, timeout=30)
     job_state = Path(_config_value("StateSaveLocation")) / "job_state"
     wait_until(lambda: job_state.exists() and job_state.stat().st_mtime > seen, 60, what="the job state to be saved")
     _kill_cluster_like_a_lost_machine(marker)
