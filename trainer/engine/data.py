@@ -230,12 +230,13 @@ class ValSet:
         per_rank = -(-len(chosen) // world_size)
         mine = chosen[rank::world_size]
         self.indices = mine + [-1] * (per_rank - len(mine))
+        self.pad = chosen[0]  # what padding rows repeat (a rank can have no sample of its own)
         self.batch_size = batch_size
 
     def __iter__(self):
         for i in range(0, len(self.indices), self.batch_size):
             chunk = self.indices[i:i + self.batch_size]
-            batch = collate([self.ds[j if j >= 0 else self.indices[0]] for j in chunk])
+            batch = collate([self.ds[j if j >= 0 else self.pad] for j in chunk])
             batch["valid"] = torch.tensor([j >= 0 for j in chunk])
             yield batch
 
