@@ -14,6 +14,7 @@ from mds_fixtures import tiny_run_config, two_domain_data
 from tiny_models import one_thread, random_batch, tiny_model  # noqa: F401
 from trainer.config import ConfigError, MethodConfig, load_config
 from trainer.engine.schedule import lr_lambda
+from trainer.method import budget as budget_module
 from trainer.method.budget import AIM, DEFAULT_DUAL_LR, LN2, P_STEPS as P, ForgettingBudget
 
 
@@ -48,6 +49,34 @@ def test_violation_raises_the_multiplier_slack_lowers_it_never_below_zero():
     for _ in range(10):
         b.step()
     assert b.multiplier == 0.0 and b.integral == 0.0
+
+
+def test_the_integral_holds_while_the_estimate_returns_to_the_setpoint(monkeypatch):
+    monkeypatch.setattr(budget_module, "TREND_STEPS", 2)  # compare with the estimate 2 steps ago
+    b = budget(eps=0.1, dual_lr=1.0)  # setpoint AIM * 0.1 = 0.08
+
+    def step_at(degradation):
+        measure_bpb(b, 1.0 + degradation, 1.0)
+        b.step()
+        return b.integral
+
+    assert step_at(0.3) == pytest.approx(2.2)  # no trend known yet: plain PI
+    assert step_at(0.3) == pytest.approx(4.4)
+    # Above the setpoint but lower than 2 steps ago: the lever is already repairing, I holds...
+    assert step_at(0.2) == pytest.approx(4.4)
+    assert b.multiplier == pytest.approx(4.4 + P * 1.2)  # ...while the proportional term still acts
+    assert step_at(0.2) == pytest.approx(4.4)
+    assert step_at(0.2) == pytest.approx(5.6)  # stalled above the setpoint: integrates again
+    assert step_at(0.0) == pytest.approx(4.8)  # below it and falling: integrates down
+    assert step_at(0.05) == pytest.approx(4.5)
+    assert step_at(0.05) == pytest.approx(4.5)  # below it but rising back: holds
+    # The window is state: a copy resumed from it takes the same next step.
+    other = budget(eps=0.1, dual_lr=1.0)
+    other.load_state_dict(json.loads(json.dumps(b.state_dict())))
+    assert step_at(0.0) == pytest.approx(4.5 - 0.8)
+    measure_bpb(other, 1.0, 1.0)
+    other.step()
+    assert other.state_dict() == b.state_dict()
 
 
 def test_estimate_is_an_ema_of_sums_and_steps_without_original_tokens_change_nothing():
