@@ -322,6 +322,20 @@ def test_tiny_bench_produces_every_figure(tmp_path):
     print(f"tiny bench: {time.time() - t0:.0f}s")
 
 
+def test_save_cost_times_our_save_against_deepspeeds_alone(tmp_path):
+    out = tmp_path / "save.json"
+    p = subprocess.run([sys.executable, "-m", "trainer", "bench", "--save-cost", "8M", "--repeats", "3",
+                        "--out", str(out), "--work", str(tmp_path / "work")],
+                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
+    res = json.loads(out.read_text())
+    assert res["trainable_params"] == 2 * 2048 * 2048 and res["repeats"] == 3 and len(res["ratios"]) == 3
+    # fp32 master and two Adam moments of every parameter are on disk
+    assert res["checkpoint_bytes"] > 12 * res["trainable_params"]
+    assert all(x > 0 for x in res["ratios"]) and res["plain_save_s"] > 0 and res["digest_s"] > 0
+    assert "save of 8M trainable params" in p.stdout
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_a_size_loaded_from_disk_trains_from_the_saved_backbone_with_its_optimizer(tmp_path):

@@ -24,6 +24,29 @@ def test_describe_records_size_and_digest(ckpt):
     manifest.verify(root, files)  # intact: no error
 
 
+def test_a_digest_computed_while_torch_save_writes_is_the_files_digest(tmp_path):
+    # Several records, each larger than a read chunk, so that the hashing thread runs during the write.
+    state = {f"t{i}": torch.randn(6_000_000, generator=torch.Generator().manual_seed(i)) for i in range(3)}
+    path, digests = tmp_path / "optim_states.pt", {}
+    with manifest.hashed_while_written(path, digests):
+        torch.save(state, path)
+    assert digests[path] == manifest.file_digest(path)
+    files = manifest.describe([path], tmp_path, known=digests)
+    manifest.verify(tmp_path, files)
+
+
+def test_a_file_that_existed_before_its_write_is_hashed_again_from_disk(tmp_path):
+    path, digests = tmp_path / "a.pt", {}
+    path.write_bytes(b"an older file" * 1000)
+    with manifest.hashed_while_written(path, digests):
+        torch.save({"w": torch.ones(10)}, path)
+    assert path not in digests  # a reader could have hashed the old bytes: no digest from the write
+    assert manifest.describe([path], tmp_path, known=digests)["a.pt"][manifest.DIGEST] == manifest.file_digest(path)
+    with manifest.hashed_while_written(tmp_path / "never_written.pt", digests):
+        pass  # a write that never happened leaves no digest, and returns
+    assert tmp_path / "never_written.pt" not in digests
+
+
 def test_one_changed_byte_is_caught(ckpt):
     root, files = ckpt
     data = bytearray((root / "a.pt").read_bytes())

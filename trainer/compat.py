@@ -17,7 +17,7 @@ importing it is cheap), never other trainer modules.
 from __future__ import annotations
 
 from collections import OrderedDict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterable, Iterator
 
 # ----------------------------------------------------------------------------- DeepSpeed
@@ -60,8 +60,10 @@ def copy_master_to_module(engine) -> None:
 
 
 @contextmanager
-def recording_checkpoint_writes(engine) -> Iterator[list[str]]:
-    """Inside this, the paths of the files this rank's `engine.save_checkpoint` writes are collected.
+def recording_checkpoint_writes(engine, around=None) -> Iterator[list[str]]:
+    """Inside this, the paths of the files this rank's `engine.save_checkpoint` writes are collected,
+    and each write runs inside `around(path)` if given (a context manager: the digest is computed
+    during the write).
 
     Checked against deepspeed 0.19.8: every checkpoint file (model states, ZeRO optimizer
     shards, MoE experts) is written through `engine.checkpoint_engine.save(state_dict, path)`,
@@ -73,7 +75,8 @@ def recording_checkpoint_writes(engine) -> Iterator[list[str]]:
     save = ce.save
 
     def recording_save(state_dict, path, *args, **kwargs):
-        out = save(state_dict, path, *args, **kwargs)
+        with around(path) if around else nullcontext():
+            out = save(state_dict, path, *args, **kwargs)
         written.append(str(path))
         return out
 

@@ -209,10 +209,15 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, meta: dict, keep
             set_aside(ckpt_dir, [tag], "replaced")
         shutil.rmtree(tag_dir, ignore_errors=True)  # an unfinished save of this step
     dist.barrier()
-    with master_only(engine), compat.recording_checkpoint_writes(engine) as written:
+    digests: dict[Path, str] = {}
+
+    def hashed(path):
+        return manifest.hashed_while_written(Path(path).resolve(), digests)
+
+    with master_only(engine), compat.recording_checkpoint_writes(engine, around=hashed) as written:
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False,
                                exclude_frozen_parameters=True)
-    mine = manifest.describe([Path(p).resolve() for p in written], tag_dir.resolve())
+    mine = manifest.describe([Path(p).resolve() for p in written], tag_dir.resolve(), known=digests)
     _atomic_write(tag_dir / f".files.rank{world.rank}.json", json.dumps(mine))
     dist.barrier()
     if world.is_main:

@@ -17,7 +17,9 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator, Optional
 
 from .. import compat
 from ..config import ConfigError
@@ -43,9 +45,85 @@ def file_digest(path: Path) -> str:
             return xxhash.xxh3_128(m).hexdigest()
 
 
-def describe(paths: list[Path], root: Path) -> dict[str, dict]:
-    """{name relative to root: {"bytes", DIGEST}} for a manifest."""
-    return {p.relative_to(root).as_posix(): {"bytes": p.stat().st_size, DIGEST: file_digest(p)} for p in paths}
+class _Follower:
+    """Hashes a file on a thread while another one writes it, so that the digest costs no time of its own
+    when a core is free: hashing 2.3 GB after the write added ~20% to a one-rank save here.
+
+    Sound only for files written front to back, which torch.save's zip writer guarantees (it refuses to
+    seek: "unexpected pos"); torch.save releases the GIL while writing, and xxhash while hashing. A file
+    that existed before its write, or whose size at the end is not what was hashed, gets no digest here
+    (`finish` returns None) and is hashed again from disk.
+    """
+
+    CHUNK = 16 << 20
+
+    def __init__(self, path: Path):
+        import threading
+
+        import xxhash
+
+        self.path, self.pos, self.failed = path, 0, path.exists()
+        self.hasher = xxhash.xxh3_128()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"digest {path.name}", daemon=True)
+        if not self.failed:
+            self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                try:
+                    fd = os.open(self.path, os.O_RDONLY)
+                    break
+                except FileNotFoundError:
+                    if self.done.wait(0.001):
+                        self.failed = True
+                        return
+            try:
+                while True:
+                    finished = self.done.is_set()  # before the size: all that was written by then is read
+                    size = os.fstat(fd).st_size
+                    while self.pos < size:
+                        chunk = os.pread(fd, min(self.CHUNK, size - self.pos), self.pos)
+                        if not chunk:
+                            break
+                        self.hasher.update(chunk)
+                        self.pos += len(chunk)
+                    if finished:
+                        return
+                    self.done.wait(0.002)
+            finally:
+                os.close(fd)
+        except BaseException:  # noqa: BLE001 - any trouble here only means: hash the file again
+            self.failed = True
+
+    def finish(self) -> Optional[str]:
+        self.done.set()
+        if self.thread.is_alive():
+            self.thread.join()
+        if self.failed or not self.path.is_file() or self.path.stat().st_size != self.pos:
+            return None
+        return self.hasher.hexdigest()
+
+
+@contextmanager
+def hashed_while_written(path: Path, digests: dict[Path, str]) -> Iterator[None]:
+    """Around the write of `path`: its digest, computed during the write, lands in `digests` (see _Follower)."""
+    follower = _Follower(path)
+    try:
+        yield
+    finally:
+        digest = follower.finish()
+        if digest is not None:
+            digests[path] = digest
+
+
+def describe(paths: list[Path], root: Path, known: Optional[dict[Path, str]] = None) -> dict[str, dict]:
+    """{name relative to root: {"bytes", DIGEST}} for a manifest; `known` digests (hashed while written) are
+    not computed again."""
+    known = known or {}
+    return {p.relative_to(root).as_posix(): {"bytes": p.stat().st_size, DIGEST: known.get(p) or file_digest(p)}
+            for p in paths}
 
 
 def verify_files(root: Path, files: dict[str, dict], refuse_extra: tuple[str, ...] = (".pt",)) -> None:
