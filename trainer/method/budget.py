@@ -25,6 +25,7 @@ against integral windup). Without it, the forgetting of the first steps (the lea
 up while lambda is still small) went on feeding I for as long as the lagging estimate stayed
 above the setpoint, although the lever was already repairing; the model then ended under the
 setpoint (adapters) or, with the replay lever's shorter steps, repaired too slowly (finetune).
+
 The setpoint is AIM * EPS, not EPS: the estimate is noisy (a step holds a few original-domain
 rows), and a controller that aims at EPS ends above it about half of the time.
 
