@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import threading
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,8 +59,6 @@ class _Follower:
     CHUNK = 16 << 20
 
     def __init__(self, path: Path):
-        import threading
-
         import xxhash
 
         self.path, self.pos, self.failed = path, 0, path.exists()
